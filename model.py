@@ -1,0 +1,563 @@
+"""
+The GPT, and everything several stages share: the model (GPT-2's architecture, optionally with rotary
+positions), generation with a KV cache, loading GPT-2's weights, the optimizer, FLOPs accounting,
+checkpoints and tokenizers.
+
+References:
+1) OpenAI's GPT-2 TensorFlow code: https://github.com/openai/gpt-2/blob/master/src/model.py
+2) "Language Models are Unsupervised Multitask Learners" (GPT-2) and "RoFormer" (rotary positions).
+"""
+import hashlib
+import inspect
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257, padded up to a multiple of 64 for faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True        # biases in Linears and LayerNorms, as GPT-2; False is a little faster
+    pos_emb: str = 'learned'  # 'learned' absolute positions (GPT-2) or 'rope' (rotary, as Llama)
+    rope_base: float = 10000.0
+
+
+# -----------------------------------------------------------------------------
+# The transformer
+
+def rope_tables(head_dim, n_pos, base):
+    """cos and sin of angle pos * base^(-2i/head_dim) for each position and each of head_dim/2 pairs."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(n_pos, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, nh, T, hd). Rotate the pair (x1[i], x2[i]) by the angle of its position: the dot product of
+    # a rotated query and a rotated key then depends only on the distance between their positions.
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, so each new token costs one position
+    of compute instead of re-running the whole context. Buffers are allocated once, at full length."""
+
+    def __init__(self, batch_size, max_len, config):
+        self.batch_size, self.max_len, self.config = batch_size, max_len, config
+        self.k = [None] * config.n_layer
+        self.v = [None] * config.n_layer
+        self.length = 0  # tokens already in the cache
+
+    def update(self, layer, k, v):
+        """Write this forward pass's k, v (B, nh, T, hd) after the cached ones; return all of them."""
+        if self.k[layer] is None:
+            shape = (self.batch_size, k.size(1), self.max_len, k.size(3))
+            self.k[layer] = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self.v[layer] = torch.empty(shape, dtype=v.dtype, device=v.device)
+        start, end = self.length, self.length + k.size(2)
+        assert end <= self.max_len, "KV cache overflow"
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, kv_cache=None, attn_mask=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)]  # (B, nh, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        # Flash attention on CUDA when there is no explicit mask. An explicit mask (padding in a batch
+        # of prompts of different lengths, or new tokens after a cache) replaces is_causal.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=attn_mask is None and T > 1)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2 uses the tanh approximation of GELU ("gelu_new" in HF); the exact erf GELU differs by ~1e-3
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate='tanh')))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, kv_cache=None, attn_mask=None):
+        # pre-LayerNorm: the residual stream itself is never normalised, which keeps deep stacks trainable
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, attn_mask)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        assert config.pos_emb in ('learned', 'rope'), f"pos_emb must be 'learned' or 'rope', got {config.pos_emb!r}"
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        if config.pos_emb == 'learned':
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_base)
+            self.register_buffer('rope_cos', cos, persistent=False)
+            self.register_buffer('rope_sin', sin, persistent=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: the output layer reads the token embedding matrix (fewer parameters, better loss)
+        self.transformer.wte.weight = self.lm_head.weight
+        self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer),
+        # so that the stream's variance does not grow with depth
+        for pn, p in self.named_parameters():
+            if pn.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; by default without the position embeddings (the token embeddings count, since
+        they are tied to the output layer and so do real work there)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.config.pos_emb == 'learned':
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def hidden_states(self, idx, pos=None, kv_cache=None, attn_mask=None):
+        """The final (LayerNormed) hidden state of every position: (B, T, n_embd).
+        pos: (T,) or (B, T) position of each token, default 0..T-1 (after the cache's length)."""
+        B, T = idx.size()
+        if pos is None:
+            start = kv_cache.length if kv_cache is not None else 0
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        assert int(pos.max()) < self.config.block_size, \
+            f"position {int(pos.max())} is past block_size {self.config.block_size}"
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.pos_emb == 'learned':
+            x = x + self.transformer.wpe(pos)
+        else:
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, hd/2) or (B, T, hd/2)
+            rope = (cos.unsqueeze(-3), sin.unsqueeze(-3))     # broadcast over heads
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, kv_cache, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, rope, kv_cache, attn_mask)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """Logits and the mean cross-entropy over targets that are not -1 (fine-tuning masks prompts so).
+        Without targets only the last position's logits are computed: that is all generation needs."""
+        x = self.hidden_states(idx)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # list index keeps the time dimension
+            loss = None
+        return logits, loss
+
+    # -------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 stop_token=None, generator=None, use_cache=True, vocab_limit=None):
+        """Continue each prompt; return a list with the new tokens of each (a stop token ends a row and is
+        not included). prompts: a (B, T) LongTensor or a list of token lists of any lengths."""
+        rows = [[] for _ in range(len(prompts))]
+        for step in self.generate_stream(prompts, max_new_tokens, temperature, top_k, top_p,
+                                         stop_token, generator, use_cache, vocab_limit):
+            for row, tok in zip(rows, step):
+                if tok is not None:
+                    row.append(tok)
+        return rows
+
+    @torch.no_grad()
+    def generate_stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        stop_token=None, generator=None, use_cache=True, vocab_limit=None):
+        """Yield, per step, a list with each row's new token (None once a row has emitted stop_token).
+
+        use_cache=False is the slow, obviously-correct path: every step re-runs each row's whole context
+        (its last block_size tokens) on its own. The cached path must give exactly the same tokens.
+        """
+        if torch.is_tensor(prompts):
+            prompts = prompts.tolist()
+        seqs = [list(p) for p in prompts]
+        assert all(len(s) > 0 for s in seqs), "every prompt needs at least one token"
+        B, device = len(seqs), self.lm_head.weight.device
+        bs = self.config.block_size
+        done = [False] * B
+        cache = None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits = torch.cat([self(torch.tensor([s[-bs:]], device=device))[0][:, -1] for s in seqs])
+            elif cache is None or cache.length == bs:
+                # Prefill (or re-fill). With learned positions the cache cannot slide: once a sequence
+                # outgrows block_size, each token's position changes every step, so we recompute the
+                # last block_size tokens from scratch rather than produce silently wrong tokens.
+                cache, logits = self._prefill([s[-bs:] for s in seqs])
+            else:
+                # one new token per row; left-padding (see _prefill) must stay masked out
+                idx = torch.tensor([[s[-1]] for s in seqs], device=device)
+                pos = (cache.pos_offset + cache.length).clamp(min=0).unsqueeze(1)
+                mask = None
+                if cache.pad is not None:
+                    mask = torch.ones(B, 1, 1, cache.length + 1, dtype=torch.bool, device=device)
+                    mask[:, 0, 0, :cache.pad.size(1)] = ~cache.pad
+                logits = self.lm_head(self.hidden_states(idx, pos, cache, mask))[:, -1]
+            next_tokens = sample_next(logits.float(), temperature, top_k, top_p, generator, vocab_limit).tolist()
+            out = []
+            for i, tok in enumerate(next_tokens):
+                if done[i]:
+                    out.append(None)
+                    tok = stop_token
+                elif stop_token is not None and tok == stop_token:
+                    done[i] = True
+                    out.append(None)
+                else:
+                    out.append(tok)
+                seqs[i].append(tok)
+            yield out
+            if all(done):
+                return
+
+    def _prefill(self, seqs):
+        """Run prompts of possibly different lengths as one batch. Shorter prompts are left-padded; each
+        row's positions start at 0 at its first real token, and no query attends to a pad key, so every row
+        computes exactly what it would alone."""
+        B, T, device = len(seqs), max(len(s) for s in seqs), self.lm_head.weight.device
+        n_pad = torch.tensor([T - len(s) for s in seqs], device=device)
+        idx = torch.tensor([[0] * (T - len(s)) + s for s in seqs], device=device)
+        cache = KVCache(B, self.config.block_size, self.config)
+        cache.pos_offset = -n_pad  # position of cache slot j in row b is j - n_pad[b]
+        cache.pad = None
+        mask = None
+        if int(n_pad.max()) > 0:
+            ar = torch.arange(T, device=device)
+            pad = ar[None, :] < n_pad[:, None]                     # (B, T) True at pad slots
+            causal = ar[None, :] <= ar[:, None]                    # (T, T) query i sees keys j <= i
+            mask = causal[None] & ~pad[:, None, :]
+            mask |= torch.eye(T, dtype=torch.bool, device=device)  # pads see themselves: no all-masked row (NaN)
+            mask = mask.unsqueeze(1)                               # (B, 1, T, T), broadcast over heads
+            cache.pad = pad
+        pos = (torch.arange(T, device=device)[None, :] - n_pad[:, None]).clamp(min=0)
+        logits = self.lm_head(self.hidden_states(idx, pos, cache, mask)[:, -1])
+        return cache, logits
+
+    # -------------------------------------------------------------------------
+    # Pretrained GPT-2 weights
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, dropout=0.0):
+        """GPT-2 from the Hugging Face hub ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'), or from any
+        local directory holding an HF GPT-2's config.json and model.safetensors."""
+        from safetensors.torch import load_file
+        folder = name_or_dir if os.path.isdir(name_or_dir) else download_gpt2(name_or_dir)
+        with open(os.path.join(folder, 'config.json')) as f:
+            hf = json.load(f)
+        if hf.get('activation_function', 'gelu_new') not in ('gelu_new', 'gelu_pytorch_tanh'):
+            raise ValueError(f"{folder}: activation {hf['activation_function']} is not GPT-2's tanh GELU")
+        config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
+                           n_head=hf['n_head'], n_embd=hf['n_embd'], dropout=dropout, bias=True)
+        model = cls(config)
+        sd = model.state_dict()
+        hf_sd = load_file(os.path.join(folder, 'model.safetensors'))
+        # HF's GPT2Model files have bare names ('h.0.attn...'), GPT2LMHeadModel files 'transformer.h.0...'.
+        # attn.bias / attn.masked_bias are causal-mask buffers, not weights; lm_head is tied to wte.
+        hf_sd = {(k if k.startswith('transformer.') or k.startswith('lm_head') else 'transformer.' + k): v
+                 for k, v in hf_sd.items()
+                 if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
+        hf_sd.pop('lm_head.weight', None)
+        expected = {k for k in sd if k != 'lm_head.weight'}
+        if set(hf_sd) != expected:
+            raise ValueError(f"{folder}: unexpected weight names; missing {sorted(expected - set(hf_sd))[:5]}, "
+                             f"extra {sorted(set(hf_sd) - expected)[:5]}")
+        # GPT-2 was written with "Conv1D" modules, which store Linear weights transposed
+        conv1d = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+        with torch.no_grad():
+            for k, v in hf_sd.items():
+                v = v.t() if k.endswith(conv1d) else v
+                assert v.shape == sd[k].shape, f"{k}: {tuple(v.shape)} vs {tuple(sd[k].shape)}"
+                sd[k].copy_(v)
+        return model
+
+    def crop_block_size(self, block_size):
+        """Use a shorter context than the loaded weights were trained with (e.g. GPT-2's 1024 -> 256)."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        if self.config.pos_emb == 'learned':
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        else:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+
+    # -------------------------------------------------------------------------
+    # Training helpers
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices only (not on biases and LayerNorm gains)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{'params': decay, 'weight_decay': weight_decay},
+                  {'params': no_decay, 'weight_decay': 0.0}]
+        # the fused kernel updates all parameters in one launch instead of several per parameter
+        fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward), PaLM paper appendix B: 6N for the matmuls
+        with the weights, plus 12 * n_layer * n_embd * T for attention's scores and weighted sums."""
+        cfg = self.config
+        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def estimate_mfu(self, tokens_per_second, device):
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's dense bf16 peak (None if unknown)."""
+        peak = peak_flops(device)
+        return None if peak is None else self.flops_per_token() * tokens_per_second / peak
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, vocab_limit=None):
+    """Pick one token per row from (B, V) logits. temperature 0 means greedy."""
+    if vocab_limit is not None:
+        logits = logits[:, :vocab_limit]  # padded vocabulary rows that no tokenizer can decode
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], float('-inf'))
+    if top_p is not None and top_p < 1.0:
+        # nucleus sampling: keep the smallest set of most likely tokens whose probability reaches top_p
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already reaches p
+        sorted_logits = sorted_logits.masked_fill(remove, float('-inf'))
+        logits = torch.full_like(logits, float('-inf')).scatter(1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def peak_flops(device):
+    """Dense bf16 peak FLOP/s of the GPU, from its name; None on CPU/MPS or an unknown GPU."""
+    if torch.device(device).type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L4', 121e12),
+                       ('A10', 125e12), ('4090', 165e12), ('3090', 71e12)):
+        if key in name:
+            return flops
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Downloads
+
+HF_ENDPOINT = os.environ.get('HF_ENDPOINT', 'https://huggingface.co')
+CACHE_DIR = os.environ.get('GPT_CACHE_DIR', os.path.join(os.path.expanduser('~'), '.cache', 'gpt-recipe'))
+GPT2_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
+
+
+def download(url, path, expected_sha256=None, expected_size=None, timeout=30):
+    """Stream url to path with a progress line; write to a temp file and rename, so a failed download
+    never leaves a half-written file behind. Raises RuntimeError with a readable message on failure."""
+    import requests
+    tmp = path + '.part'
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        with requests.get(url, stream=True, timeout=timeout) as r:
+            r.raise_for_status()
+            total = int(r.headers.get('content-length', 0))
+            done, sha = 0, hashlib.sha256()
+            with open(tmp, 'wb') as f:
+                for chunk in r.iter_content(chunk_size=1 << 20):
+                    f.write(chunk)
+                    sha.update(chunk)
+                    done += len(chunk)
+                    if total:
+                        print(f"\rdownloading {os.path.basename(path)}: {done / 2**20:.1f}/{total / 2**20:.1f} MiB",
+                              end='', file=sys.stderr, flush=True)
+        if total:
+            print(file=sys.stderr)
+    except Exception as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise RuntimeError(f"download of {url} failed: {e}") from None
+    if expected_size is not None and done != expected_size:
+        os.remove(tmp)
+        raise RuntimeError(f"download of {url} failed: got {done} bytes, expected {expected_size}")
+    if expected_sha256 is not None and sha.hexdigest() != expected_sha256:
+        os.remove(tmp)
+        raise RuntimeError(f"download of {url} failed: sha256 {sha.hexdigest()} is not {expected_sha256}")
+    os.replace(tmp, path)
+    return path
+
+
+def download_gpt2(name):
+    """Fetch an HF GPT-2 (config.json + model.safetensors) once into the cache; return its folder."""
+    if name not in GPT2_NAMES:
+        raise ValueError(f"unknown model '{name}': expected one of {', '.join(GPT2_NAMES)} or a local directory")
+    folder = os.path.join(CACHE_DIR, name)
+    for fname in ('config.json', 'model.safetensors'):
+        path = os.path.join(folder, fname)
+        if not os.path.exists(path):
+            try:
+                download(f"{HF_ENDPOINT}/openai-community/{name}/resolve/main/{fname}", path)
+            except RuntimeError as e:
+                raise RuntimeError(f"{e}. Offline? Put config.json and model.safetensors of {name} in a "
+                                   f"directory and pass that directory instead of '{name}'") from None
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints. Tensors go through torch.save and load with weights_only=True (no pickle of arbitrary
+# objects); everything else (model args, config, data meta, RNG states) is one JSON string.
+
+def save_checkpoint(path, tensors, meta):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path + '.tmp'
+    torch.save({**tensors, 'meta_json': json.dumps(meta)}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """Return (tensors dict, meta dict)."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    meta = json.loads(ckpt.pop('meta_json'))
+    return ckpt, meta
+
+
+def clean_state_dict(sd):
+    """Drop the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add to parameter names."""
+    out = {}
+    for k, v in sd.items():
+        for prefix in ('_orig_mod.', 'module.'):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def model_from_checkpoint(path, device='cpu'):
+    """Rebuild the GPT saved by train.py (or a fine-tuning script); returns (model, meta)."""
+    ckpt, meta = load_checkpoint(path, map_location=device)
+    model = GPT(GPTConfig(**meta['model_args']))
+    model.load_state_dict(clean_state_dict(ckpt['model']))
+    return model.to(device), meta
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers: prepare.py records which one a dataset used in its meta.json; this rebuilds it.
+
+class CharTokenizer:
+    def __init__(self, vocab):
+        self.vocab = vocab
+        self.stoi = {ch: i for i, ch in enumerate(vocab)}
+        self.n_vocab = len(vocab)
+
+    def encode(self, text):
+        missing = sorted(set(text) - set(self.stoi))
+        if missing:
+            raise ValueError(f"characters not in the vocabulary: {''.join(missing)!r}")
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids):
+        return ''.join(self.vocab[i] for i in ids)
+
+
+def load_tokenizer(meta):
+    """An object with encode(text) -> ids, decode(ids) -> text and n_vocab, from a dataset's meta."""
+    kind = meta['tokenizer']
+    if kind == 'char':
+        return CharTokenizer(meta['vocab'])
+    if kind == 'gpt2':
+        return GPT2Tokenizer(gpt2_encoding())
+    if kind == 'bpe':
+        import tempfile
+        import bpe
+        with tempfile.TemporaryDirectory() as d:  # the model text travels inside meta.json
+            path = os.path.join(d, 'tokenizer.model')
+            with open(path, 'w', encoding='utf-8') as f:
+                f.write(meta['bpe_model'])
+            return bpe.load(path)
+    raise ValueError(f"unknown tokenizer '{kind}' in dataset meta")
+
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 encoding; its files are downloaded once, or read from TIKTOKEN_CACHE_DIR offline."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding('gpt2')
+    except Exception as e:
+        raise RuntimeError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}). Offline? Set TIKTOKEN_CACHE_DIR "
+                           f"to a folder holding tiktoken's cached GPT-2 files") from None
+
+
+class GPT2Tokenizer:
+    """tiktoken's GPT-2 encoding with plain-text semantics: '<|endoftext|>' in text is just text."""
+    def __init__(self, enc):
+        self.enc, self.n_vocab = enc, enc.n_vocab
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.enc.decode(ids)

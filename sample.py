@@ -1,0 +1,112 @@
+"""
+Generate text from a trained model (out_dir/ckpt.pt) or from GPT-2's weights:
+
+    python sample.py --out_dir=out-shakespeare-char
+    python sample.py --init_from=gpt2 --start="What is the answer to life?" --num_samples=3
+    python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --num_samples=1   # streams
+
+All samples are drawn as one batch with the KV cache; text is decoded with the tokenizer the
+training data was prepared with (recorded in the checkpoint).
+"""
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from model import GPT, load_tokenizer, model_from_checkpoint
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'   # 'resume' (the checkpoint in out_dir) or a GPT-2 name / local HF directory
+out_dir = 'out'
+start = "\n"           # the prompt; "FILE:path" reads it from a file
+num_samples = 10
+max_new_tokens = 500
+temperature = 0.8      # 1.0 samples the model's distribution, lower is more conservative, 0 is greedy
+top_k = 200            # keep only the top_k most likely tokens (0: all)
+top_p = 1.0            # nucleus sampling: keep the most likely tokens up to this probability mass
+seed = 1337
+device = 'auto'
+dtype = 'auto'
+compile = False        # torch.compile the model (CUDA only)
+# -----------------------------------------------------------------------------
+from configurator import apply_config
+apply_config(globals())
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device_type = 'cuda' if 'cuda' in device else 'cpu'
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+torch.backends.cuda.matmul.allow_tf32 = True
+
+if start.startswith('FILE:'):
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except OSError as e:
+        fail(f"cannot read the prompt file: {e}")
+if num_samples < 1 or max_new_tokens < 0:
+    fail("num_samples must be at least 1 and max_new_tokens at least 0")
+
+# the model and its tokenizer
+try:
+    if init_from == 'resume':
+        ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+        if not os.path.exists(ckpt_path):
+            fail(f"no checkpoint at {ckpt_path}: train one with train.py, or pass --init_from=gpt2")
+        model, meta = model_from_checkpoint(ckpt_path, device)
+        tokenizer = load_tokenizer(meta['data_meta'])
+    else:
+        model = GPT.from_pretrained(init_from).to(device)
+        tokenizer = load_tokenizer({'tokenizer': 'gpt2'})
+except (RuntimeError, ValueError, OSError) as e:
+    fail(str(e))
+model.eval()
+if compile and device_type == 'cuda':
+    model = torch.compile(model)
+
+try:
+    prompt = tokenizer.encode(start)
+except ValueError as e:
+    fail(f"the prompt cannot be encoded: {e}")
+if not prompt:
+    fail("the prompt encodes to no tokens: give a non-empty --start")
+vocab_limit = min(tokenizer.n_vocab, model.config.vocab_size)
+if max(prompt) >= vocab_limit:
+    fail(f"the prompt has token id {max(prompt)}, past the model's vocabulary of {model.config.vocab_size}")
+generator = torch.Generator(device=device).manual_seed(seed)
+settings = dict(temperature=temperature, top_k=top_k or None, top_p=top_p, generator=generator,
+                vocab_limit=vocab_limit)
+
+t0 = time.time()
+with torch.no_grad(), ctx:
+    if num_samples == 1:
+        # stream: print each piece of text as soon as it decodes (a UTF-8 character may span tokens)
+        new, printed = [], ''
+        print(start, end='', flush=True)
+        for step in model.generate_stream([prompt], max_new_tokens, **settings):
+            new.append(step[0])
+            text = tokenizer.decode(new)
+            if not text.endswith('\ufffd'):
+                print(text[len(printed):], end='', flush=True)
+                printed = text
+        print(tokenizer.decode(new)[len(printed):])
+        n_tokens = len(new)
+    else:
+        rows = model.generate([prompt] * num_samples, max_new_tokens, **settings)
+        for row in rows:
+            print(start + tokenizer.decode(row))
+            print('---------------')
+        n_tokens = sum(len(r) for r in rows)
+dt = time.time() - t0
+print(f"[{n_tokens} tokens in {dt:.2f} s, {n_tokens / dt:,.0f} tokens/s]", file=sys.stderr)

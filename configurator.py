@@ -9,9 +9,10 @@ and the command line may then name config files (plain Python, run in the script
 
     python train.py config/shakespeare.py --batch_size=32 --compile=False
 
-Values are parsed with ast.literal_eval, falling back to a plain string. An override must name a key
-the script already has and keep its type (an int is fine where a float is expected). Every mistake
-exits with a one-line error before the script does any work.
+Values are parsed with ast.literal_eval, falling back to a plain string (and a string key always takes
+the text as written: --out_dir=2024 is the folder '2024'). An override must name a key the script
+already has and keep its type (an int is fine where a float is expected). Every mistake exits with a
+one-line error before the script does any work.
 """
 import ast
 import difflib
@@ -26,9 +27,14 @@ def fail(msg):
     sys.exit(2)
 
 
+def is_config(k, v):
+    """A public global of a plain type."""
+    return not k.startswith('_') and isinstance(v, SIMPLE_TYPES)
+
+
 def config_keys(g):
     """The config of a script: its public globals of plain types, set before apply_config."""
-    return {k for k, v in g.items() if not k.startswith('_') and isinstance(v, SIMPLE_TYPES)}
+    return {k for k, v in g.items() if is_config(k, v)}
 
 
 def check_and_convert(key, value, g, known, source):
@@ -37,8 +43,8 @@ def check_and_convert(key, value, g, known, source):
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         fail(f"unknown config key '{key}' in {source}{hint}")
     default = g[key]
-    if default is None or value is None:
-        return value  # None means "no fixed type"
+    if default is None:
+        return value  # a None default means "no fixed type"
     expected = type(default)
     if expected is float and type(value) is int:
         return float(value)
@@ -65,7 +71,7 @@ def apply_config(g, argv=None):
             except Exception as e:
                 fail(f"config file {arg} raised {type(e).__name__}: {e}")
             for k, v in ns.items():
-                if k.startswith('_') or not isinstance(v, SIMPLE_TYPES):
+                if not is_config(k, v):
                     continue  # modules, functions and helpers a config file uses are not config
                 if k in g and g[k] is v:
                     continue
@@ -77,8 +83,10 @@ def apply_config(g, argv=None):
             key, raw = arg[2:].split('=', 1)
             try:
                 value = ast.literal_eval(raw)
-            except (SyntaxError, ValueError):
+            except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
                 value = raw
+            if isinstance(g.get(key), str) and not isinstance(value, str):
+                value = raw  # --out_dir=2024, --start=42: text, not a number
             g[key] = check_and_convert(key, value, g, known, arg)
             print(f"config: {key} = {g[key]!r}", file=sys.stderr)
     return {k: g[k] for k in sorted(known)}

@@ -57,6 +57,9 @@ if start.startswith('FILE:'):
         fail(f"cannot read the prompt file: {e}")
 if num_samples < 1 or max_new_tokens < 0:
     fail("num_samples must be at least 1 and max_new_tokens at least 0")
+if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+    fail(f"need temperature >= 0 (0: greedy), top_k >= 0 (0: all) and 0 < top_p <= 1, "
+         f"got {temperature}, {top_k}, {top_p}")
 
 # the model and its tokenizer
 try:
@@ -81,9 +84,13 @@ except ValueError as e:
     fail(f"the prompt cannot be encoded: {e}")
 if not prompt:
     fail("the prompt encodes to no tokens: give a non-empty --start")
+# never sample a token the model was not trained on: the padding rows of its vocabulary, or special
+# tokens its tokenizer knows but its training data did not have
 vocab_limit = min(tokenizer.n_vocab, model.config.vocab_size)
+if init_from == 'resume':
+    vocab_limit = min(vocab_limit, meta['data_meta']['vocab_size'])
 if max(prompt) >= vocab_limit:
-    fail(f"the prompt has token id {max(prompt)}, past the model's vocabulary of {model.config.vocab_size}")
+    fail(f"the prompt has token id {max(prompt)}, past the {vocab_limit} tokens the model was trained on")
 generator = torch.Generator(device=device).manual_seed(seed)
 settings = dict(temperature=temperature, top_k=top_k or None, top_p=top_p, generator=generator,
                 vocab_limit=vocab_limit)

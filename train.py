@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, GPTConfig, clean_state_dict, load_checkpoint, save_checkpoint
+from model import GPT, GPT2_NAMES, GPTConfig, clean_state_dict, get_lr, load_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # default config: GPT-2 124M on OpenWebText, as nanoGPT. Config files in config/ override these.
@@ -83,13 +83,16 @@ def fail(msg):
 
 
 # sanity checks before any work
-if init_from not in ('scratch', 'resume') and not os.path.isdir(init_from) and not init_from.startswith('gpt2'):
-    fail(f"init_from must be 'scratch', 'resume', a GPT-2 name or a local HF directory, got '{init_from}'")
+if init_from not in ('scratch', 'resume', *GPT2_NAMES) and not os.path.isdir(init_from):
+    fail(f"init_from must be 'scratch', 'resume', one of {', '.join(GPT2_NAMES)} or a local HF directory, "
+         f"got '{init_from}'")
 if init_from == 'resume' and not os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
     fail(f"init_from='resume' but there is no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}")
 for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval'):
     if globals()[name] < 1:
         fail(f"{name} must be at least 1, got {globals()[name]}")
+if decay_lr and lr_decay_iters <= warmup_iters:
+    fail(f"lr_decay_iters ({lr_decay_iters}) must be greater than warmup_iters ({warmup_iters})")
 
 # -----------------------------------------------------------------------------
 # processes and devices
@@ -113,7 +116,6 @@ tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master_process:
     print(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} micro-steps x "
           f"{batch_size} x {block_size}, {ddp_world_size} process(es))")
-    os.makedirs(out_dir, exist_ok=True)
 
 if dtype == 'auto':
     dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
@@ -126,7 +128,7 @@ ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=
 # data: train.bin / val.bin are flat arrays of token ids, read through a memmap
 data_path = os.path.join(data_dir, dataset)
 if not os.path.exists(os.path.join(data_path, 'meta.json')):
-    if dataset in ('shakespeare_char', 'shakespeare'):
+    if dataset in ('shakespeare_char', 'shakespeare', 'shakespeare_tasks'):
         # the first command a user types must just work: prepare the dataset (download it) first
         if master_process:
             print(f"{data_path} is missing: running prepare.py {dataset}")
@@ -143,6 +145,8 @@ with open(os.path.join(data_path, 'meta.json'), encoding='utf-8') as f:
     data_meta = json.load(f)
 data_dtype = np.dtype(data_meta['dtype'])
 for split in ('train', 'val'):
+    if not os.path.exists(os.path.join(data_path, f'{split}.bin')):
+        fail(f"{data_path} has a meta.json but no {split}.bin: run prepare.py for {dataset} again")
     n = os.path.getsize(os.path.join(data_path, f'{split}.bin')) // data_dtype.itemsize
     if n <= block_size:
         fail(f"{split}.bin of {dataset} has {n} tokens, not more than block_size {block_size}")
@@ -174,6 +178,7 @@ iter_num, best_val_loss = 0, float('inf')
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=None, dropout=dropout, pos_emb=pos_emb)
 ckpt = None
+torch.manual_seed(seed)  # the same initial weights on every run and every process
 if init_from == 'scratch':
     # GPT-2's 50257 rounded up to 50304 (a multiple of 64) for speed; small vocabularies as they are
     model_args['vocab_size'] = 50304 if data_meta['tokenizer'] == 'gpt2' else data_meta['vocab_size']
@@ -221,6 +226,7 @@ if ckpt is not None:
     if device_type == 'cuda' and 'rng_cuda' in ckpt:
         torch.cuda.set_rng_state(ckpt['rng_cuda'].cpu())
     ckpt = None  # free memory
+iter_start = iter_num  # a resumed run does not save again the checkpoint it started from
 
 raw_model = model
 if compile and device_type == 'cuda':
@@ -275,19 +281,6 @@ def full_val_loss():
     return (total[0] / total[1]).item()
 
 
-def get_lr(it):
-    """Linear warmup for warmup_iters, then cosine decay down to min_lr at lr_decay_iters."""
-    if not decay_lr:
-        return learning_rate
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it > lr_decay_iters:
-        return min_lr
-    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
-    return min_lr + coeff * (learning_rate - min_lr)
-
-
 def log_metrics(record):
     if master_process:
         with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
@@ -317,14 +310,16 @@ def save(iter_num):
     print(f"saved checkpoint to {out_dir}/ckpt.pt")
 
 
-def stop_on_nonfinite(what):
-    print(f"error: {what} is NaN or inf at iteration {iter_num}; stopping. The last good checkpoint "
+def stop_on_nonfinite(what, it):
+    print(f"error: {what} is NaN or inf at iteration {it}; stopping. The last good checkpoint "
           f"({out_dir}/ckpt.pt) is kept: try a lower learning_rate or more warmup_iters.", file=sys.stderr)
     if ddp:
         dist.destroy_process_group()
     sys.exit(1)
 
 
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)  # only now, once every check has passed
 if wandb_log and master_process:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
@@ -334,23 +329,24 @@ if wandb_log and master_process:
 loss_sum = torch.zeros((), device=device)  # summed on the device; read back only when logging
 steps_since_log, t_log = 0, time.time()
 while True:
-    lr = get_lr(iter_num)
+    lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr) if decay_lr else learning_rate
     for group in optimizer.param_groups:
         group['lr'] = lr
 
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+        t_eval = time.time()
         losses = estimate_loss()
         if master_process:
             text, extra = val_report(losses['val'])
             print(f"step {iter_num}: train loss {losses['train']:.4f}, {text}")
             log_metrics({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'], **extra})
         if not math.isfinite(losses['val']) or not math.isfinite(losses['train']):
-            stop_on_nonfinite('the eval loss')
+            stop_on_nonfinite('the eval loss', iter_num)
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
-            if master_process and iter_num > 0 and not eval_only:
+            if master_process and iter_num > iter_start and not eval_only:
                 save(iter_num)
-        t_log = time.time()  # eval time is not training time
+        t_log += time.time() - t_eval  # eval and checkpoint time is not training time
     if eval_only or iter_num >= max_iters:
         break
 
@@ -383,7 +379,7 @@ while True:
         lossf = loss_sum.item() / steps_since_log  # .item() waits for the GPU: only here, when logging
         dt = (time.time() - t_log) / steps_since_log
         if not math.isfinite(lossf):
-            stop_on_nonfinite('the training loss')
+            stop_on_nonfinite('the training loss', iter_num - 1)
         if master_process:
             tok_s = tokens_per_iter / dt
             mfu = raw_model.estimate_mfu(tok_s / ddp_world_size, device)

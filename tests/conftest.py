@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -14,11 +15,17 @@ os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED / 'tiktoken_cache'))
 sys.path.insert(0, str(ROOT))
 
 
+def script_env(env=None):
+    """The environment of a script run by the tests."""
+    # one thread per process unless the environment says otherwise: the test models are tiny, and on a
+    # small shared machine a second thread fighting for the same cores makes them several times slower
+    return {'OMP_NUM_THREADS': '1', **os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}
+
+
 def run(args, check=True, timeout=600, env=None):
     """Run a repository script with this Python, from the repository root; return the CompletedProcess."""
-    full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}
     p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       env=full_env)
+                       env=script_env(env))
     if check and p.returncode != 0:
         raise AssertionError(f"{args} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
     return p
@@ -30,3 +37,55 @@ def char_data(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp('data')
     run(['prepare.py', 'shakespeare_char', f'--input={SHAKESPEARE}', f'--data_dir={data_dir}'])
     return data_dir
+
+
+# -----------------------------------------------------------------------------
+# helpers for the script tests (train.py, sample.py, prepare.py)
+
+# a model small enough that a few dozen iterations take a few seconds on 2 CPU cores
+TINY_TRAIN = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8',
+              '--gradient_accumulation_steps=1', '--dropout=0.0', '--bias=True', '--device=cpu', '--compile=False',
+              '--eval_iters=4', '--log_interval=1', '--learning_rate=3e-3', '--warmup_iters=5',
+              '--lr_decay_iters=100', '--min_lr=3e-4', '--eval_full_at_end=False']
+
+
+def train_args(data_dir, out_dir, *extra, dataset='shakespeare_char'):
+    """train.py's arguments for a tiny run; later arguments override earlier ones."""
+    return ['train.py', f'--dataset={dataset}', f'--data_dir={data_dir}', f'--out_dir={out_dir}', *TINY_TRAIN, *extra]
+
+
+def read_metrics(out_dir):
+    with open(Path(out_dir) / 'metrics.jsonl') as f:
+        return [json.loads(line) for line in f]
+
+
+def per_iter(records, key):
+    """{iteration: value} of the records that have key; a resumed run logs some iterations twice,
+    and the later record (the resumed run's) wins."""
+    return {r['iter']: r[key] for r in records if key in r}
+
+
+def error_line(p):
+    """The process failed with exactly one 'error:' line, last on stderr, and no traceback: return it."""
+    assert p.returncode != 0, f"expected a failure\nstdout:\n{p.stdout[-2000:]}\nstderr:\n{p.stderr[-2000:]}"
+    assert 'Traceback' not in p.stderr, p.stderr[-3000:]
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith('error:')]
+    assert len(errors) == 1 and lines[-1] == errors[0], p.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.fixture(scope='session')
+def gpt2_data(tmp_path_factory):
+    """tinyshakespeare prepared with GPT-2's tokenizer into a temporary data_dir; returns that data_dir."""
+    data_dir = tmp_path_factory.mktemp('data_gpt2')
+    run(['prepare.py', 'shakespeare', f'--input={SHAKESPEARE}', f'--data_dir={data_dir}'])
+    return data_dir
+
+
+@pytest.fixture(scope='session')
+def char_ckpt(char_data, tmp_path_factory):
+    """out_dir of a tiny char-level model trained for 20 iterations on char_data."""
+    out_dir = tmp_path_factory.mktemp('out_char')
+    run(train_args(char_data, out_dir, '--max_iters=20', '--eval_interval=20'))
+    return out_dir

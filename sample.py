@@ -4,6 +4,7 @@ Generate text from a trained model (out_dir/ckpt.pt) or from GPT-2's weights:
     python sample.py --out_dir=out-shakespeare-char
     python sample.py --init_from=gpt2 --start="What is the answer to life?" --num_samples=3
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --num_samples=1   # streams
+    python sample.py --out_dir=out-sft --chat=True      # talk to a fine-tuned model, multi-turn
 
 All samples are drawn as one batch with the KV cache; text is decoded with the tokenizer the
 training data was prepared with (recorded in the checkpoint).
@@ -15,7 +16,7 @@ from contextlib import nullcontext
 
 import torch
 
-from model import GPT, load_tokenizer, model_from_checkpoint
+from model import GPT, chat_ids, load_tokenizer, model_from_checkpoint, render_prompt
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'   # 'resume' (the checkpoint in out_dir) or a GPT-2 name / local HF directory
@@ -30,6 +31,7 @@ seed = 1337
 device = 'auto'
 dtype = 'auto'
 compile = False        # torch.compile the model (CUDA only)
+chat = False           # chat mode: read user messages from stdin, reply as the assistant (fine-tuned models)
 # -----------------------------------------------------------------------------
 from configurator import apply_config
 apply_config(globals())
@@ -78,37 +80,69 @@ model.eval()
 if compile and device_type == 'cuda':
     model = torch.compile(model)
 
+# never sample a token the model was not trained on: the padding rows of its vocabulary, or special
+# tokens its tokenizer knows but its training data did not have (a chat model does produce <|end|>)
+vocab_limit = min(tokenizer.n_vocab, model.config.vocab_size)
+if init_from == 'resume' and not chat:
+    vocab_limit = min(vocab_limit, meta['data_meta'].get('vocab_size', vocab_limit))
+generator = torch.Generator(device=device).manual_seed(seed)
+settings = dict(temperature=temperature, top_k=top_k or None, top_p=top_p, generator=generator,
+                vocab_limit=vocab_limit)
+
+
+def stream(prompt, stop_token=None):
+    """Generate one continuation, printing each piece of text as soon as it decodes (a UTF-8 character
+    may span several tokens); return the new tokens."""
+    new, printed = [], ''
+    for step in model.generate_stream([prompt], max_new_tokens, stop_token=stop_token, **settings):
+        if step[0] is None:
+            break
+        new.append(step[0])
+        text = tokenizer.decode(new)
+        if not text.endswith('\ufffd'):
+            print(text[len(printed):], end='', flush=True)
+            printed = text
+    print(tokenizer.decode(new)[len(printed):], flush=True)
+    return new
+
+
+if chat:
+    try:
+        end = chat_ids(tokenizer)[2]
+    except ValueError as e:
+        fail(str(e))
+    messages = []
+    print("chat: type a message and press enter; an empty line or Ctrl-D ends", file=sys.stderr)
+    with torch.no_grad(), ctx:
+        while True:
+            print('> ', end='', file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line.strip():
+                break
+            messages.append({'role': 'user', 'content': line.rstrip('\n')})
+            prompt = render_prompt(messages, tokenizer)
+            # keep the newest turns that leave room for a reply within the context
+            while len(prompt) + max_new_tokens > model.config.block_size and len(messages) > 1:
+                messages = messages[2:] if len(messages) > 2 else messages[1:]
+                prompt = render_prompt(messages, tokenizer)
+            reply = stream(prompt[-(model.config.block_size - 1):], stop_token=end)
+            messages.append({'role': 'assistant', 'content': tokenizer.decode(reply)})
+    sys.exit(0)
+
 try:
     prompt = tokenizer.encode(start)
 except ValueError as e:
     fail(f"the prompt cannot be encoded: {e}")
 if not prompt:
     fail("the prompt encodes to no tokens: give a non-empty --start")
-# never sample a token the model was not trained on: the padding rows of its vocabulary, or special
-# tokens its tokenizer knows but its training data did not have
-vocab_limit = min(tokenizer.n_vocab, model.config.vocab_size)
-if init_from == 'resume':
-    vocab_limit = min(vocab_limit, meta['data_meta']['vocab_size'])
 if max(prompt) >= vocab_limit:
     fail(f"the prompt has token id {max(prompt)}, past the {vocab_limit} tokens the model was trained on")
-generator = torch.Generator(device=device).manual_seed(seed)
-settings = dict(temperature=temperature, top_k=top_k or None, top_p=top_p, generator=generator,
-                vocab_limit=vocab_limit)
 
 t0 = time.time()
 with torch.no_grad(), ctx:
     if num_samples == 1:
-        # stream: print each piece of text as soon as it decodes (a UTF-8 character may span tokens)
-        new, printed = [], ''
         print(start, end='', flush=True)
-        for step in model.generate_stream([prompt], max_new_tokens, **settings):
-            new.append(step[0])
-            text = tokenizer.decode(new)
-            if not text.endswith('\ufffd'):
-                print(text[len(printed):], end='', flush=True)
-                printed = text
-        print(tokenizer.decode(new)[len(printed):])
-        n_tokens = len(new)
+        n_tokens = len(stream(prompt))
     else:
         rows = model.generate([prompt] * num_samples, max_new_tokens, **settings)
         for row in rows:

@@ -22,10 +22,10 @@ def script_env(env=None):
     return {'OMP_NUM_THREADS': '1', **os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}
 
 
-def run(args, check=True, timeout=600, env=None):
+def run(args, check=True, timeout=600, env=None, input=None):
     """Run a repository script with this Python, from the repository root; return the CompletedProcess."""
     p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       env=script_env(env))
+                       env=script_env(env), input=input)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
     return p

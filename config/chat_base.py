@@ -1,0 +1,26 @@
+# A small base model for the chat stages, pretrained offline on tinyshakespeare with the task suite's
+# training examples mixed in as plain text, using a 1024-token BPE (with chat tokens) trained by bpe.py:
+#   python train.py config/chat_base.py        (prepares data/shakespeare_tasks first if missing)
+# CPU: a few minutes on 2 cores. Then: python finetune_lora.py config/sft_tasks.py
+out_dir = 'out-chat-base'
+dataset = 'shakespeare_tasks'
+eval_interval = 250
+eval_iters = 20
+log_interval = 50
+always_save_checkpoint = False
+
+gradient_accumulation_steps = 1
+batch_size = 32
+block_size = 128
+
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+
+learning_rate = 2e-3
+max_iters = 1500
+lr_decay_iters = 1500
+min_lr = 2e-4
+beta2 = 0.99
+warmup_iters = 100

@@ -1,0 +1,439 @@
+"""
+Supervised fine-tuning (SFT) on chats: a base model that continues text becomes an assistant that
+answers. With lora_rank > 0 only small low-rank adapters train (LoRA); lora_rank = 0 trains all weights.
+
+    python finetune_lora.py config/sft_tasks.py                        # the built-in task suite, LoRA
+    python finetune_lora.py config/sft_tasks.py --lora_rank=0          # the same, full fine-tuning
+    python finetune_lora.py --init_from=gpt2 --data=alpaca_data.json   # Alpaca-format data, GPT-2 weights
+    torchrun --standalone --nproc_per_node=8 finetune_lora.py config/sft_tasks.py
+
+Loss is computed on the assistant's tokens only. Before and after training it measures gold accuracy
+per skill on held-out task prompts (greedy replies, KV cache, checked by model.check_answer) and, for
+forgetting, the loss on the base model's pretraining data. Writes to out_dir: ckpt.pt (training state,
+for --init_from=resume), adapter.pt (the LoRA weights alone), model.pt (merged: a plain GPT that
+sample.py, reward.py, dpo.py and ppo.py load) and metrics.jsonl.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import (GPT, GPTConfig, apply_lora, chat_ids, clean_state_dict, get_lr, gold_accuracy,
+                   load_checkpoint, load_tokenizer, lora_state_dict, merge_lora, model_from_checkpoint,
+                   render_chat, save_checkpoint, train_token_rows, download, chat_example)
+
+# -----------------------------------------------------------------------------
+init_from = 'out-chat-base'  # a train.py out_dir, a GPT-2 name / local HF directory, or 'resume' (out_dir)
+out_dir = 'out-sft'
+data = 'tasks'               # 'tasks': the built-in suite (data_dir/tasks, made by prepare.py); or an
+                             # Alpaca-format .json/.jsonl file or URL (instruction, input, output)
+data_dir = 'data'
+val_fraction = 0.05          # for Alpaca data: held-out share
+# LoRA
+lora_rank = 8                # 0: full fine-tuning
+lora_alpha = 16.0
+lora_dropout = 0.05
+lora_targets = 'attn,proj,mlp_in,mlp_out'  # attention qkv, attention output, MLP in, MLP out
+# training
+batch_size = 32
+gradient_accumulation_steps = 1
+max_iters = 300
+learning_rate = 1e-3         # LoRA takes a much larger step than full fine-tuning (try 1e-4 there)
+decay_lr = True
+warmup_iters = 20
+min_lr = 1e-4
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0
+replay_fraction = 0.0        # share of each batch made of pretraining text (fights forgetting)
+# evaluation
+eval_interval = 100
+eval_iters = 20              # batches of val chats for the loss
+eval_tasks = 250             # held-out task prompts for gold accuracy (0 disables)
+log_interval = 10
+# system
+device = 'auto'
+dtype = 'auto'
+compile = False
+seed = 1337
+# -----------------------------------------------------------------------------
+from configurator import apply_config
+config = apply_config(globals())
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+if lora_rank < 0 or batch_size < 1 or not 0 <= replay_fraction < 1:
+    fail("lora_rank must be >= 0, batch_size >= 1 and replay_fraction in [0, 1)")
+targets = tuple(t for t in lora_targets.split(',') if t)
+if lora_rank > 0 and (not targets or set(targets) - {'attn', 'proj', 'mlp_in', 'mlp_out'}):
+    fail(f"lora_targets must name some of attn, proj, mlp_in, mlp_out; got '{lora_targets}'")
+
+# -----------------------------------------------------------------------------
+# processes, devices, precision (as in train.py)
+ddp = int(os.environ.get('RANK', -1)) != -1
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+if ddp:
+    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+    ddp_rank, ddp_world_size = dist.get_rank(), dist.get_world_size()
+    if device_type == 'cuda':
+        device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
+        torch.cuda.set_device(device)
+    if gradient_accumulation_steps % ddp_world_size:
+        fail(f"gradient_accumulation_steps must divide by the {ddp_world_size} processes")
+else:
+    ddp_rank, ddp_world_size = 0, 1
+master_process = ddp_rank == 0
+accum_steps = gradient_accumulation_steps // ddp_world_size
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+torch.backends.cuda.matmul.allow_tf32 = True
+
+# -----------------------------------------------------------------------------
+# the base model and its tokenizer
+resume = init_from == 'resume'
+ckpt = None
+if resume:
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.exists(path):
+        fail(f"init_from='resume' but there is no checkpoint at {path}")
+    ckpt, ckpt_meta = load_checkpoint(path, map_location=device)
+    base_meta = ckpt_meta['base']
+    model = GPT(GPTConfig(**ckpt_meta['model_args']))
+elif os.path.exists(os.path.join(init_from, 'ckpt.pt')) or os.path.exists(os.path.join(init_from, 'model.pt')):
+    name = 'model.pt' if os.path.exists(os.path.join(init_from, 'model.pt')) else 'ckpt.pt'
+    model, m = model_from_checkpoint(os.path.join(init_from, name), device)
+    base_meta = dict(init_from=os.path.join(init_from, name), data_meta=m['data_meta'],
+                     pretrain_dataset=m.get('config', {}).get('dataset'),
+                     pretrain_data_dir=m.get('config', {}).get('data_dir', data_dir))
+else:
+    try:
+        model = GPT.from_pretrained(init_from)
+    except (RuntimeError, ValueError, OSError) as e:
+        fail(f"cannot load init_from='{init_from}': {e}")
+    base_meta = dict(init_from=init_from, data_meta={'tokenizer': 'gpt2'}, pretrain_dataset=None,
+                     pretrain_data_dir=data_dir)
+try:
+    tokenizer = load_tokenizer(base_meta['data_meta'])
+    chat_token_ids = chat_ids(tokenizer)
+except (ValueError, RuntimeError) as e:
+    fail(str(e))
+if model.config.vocab_size < tokenizer.n_vocab:
+    model.resize_vocab(((tokenizer.n_vocab + 63) // 64) * 64)  # e.g. GPT-2's weights get chat-token rows
+block_size = model.config.block_size
+
+# LoRA: freeze the base, wrap the chosen layers; and let the chat tokens' embedding rows train
+lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=list(targets)) if lora_rank > 0 else None
+if lora:
+    apply_lora(model, **lora)
+    train_token_rows(model, chat_token_ids)
+if ckpt is not None:
+    model.load_state_dict(clean_state_dict(ckpt['model']))
+model.to(device)
+n_params = sum(p.numel() for p in model.parameters())
+n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+if lora:  # of the embedding only the chat-token rows train
+    w = model.transformer.wte.weight
+    n_trainable += len(chat_token_ids) * w.size(1) - w.numel()
+if master_process:
+    print(f"{'LoRA r=' + str(lora_rank) if lora else 'full fine-tuning'}: {n_trainable:,} trainable parameters "
+          f"of {n_params:,} ({100 * n_trainable / n_params:.2f}%)")
+
+# -----------------------------------------------------------------------------
+# chat data
+
+
+def load_records(source):
+    """Alpaca records from a .json list or .jsonl file, or a URL of one."""
+    if source.startswith(('http://', 'https://')):
+        path = os.path.join(data_dir, 'alpaca', os.path.basename(source.split('?')[0]) or 'data.json')
+        if not os.path.exists(path):
+            try:
+                download(source, path)
+            except RuntimeError as e:
+                fail(f"{e}. Offline? Download the file elsewhere and pass --data=PATH")
+        source = path
+    if not os.path.isfile(source):
+        fail(f"data file not found: {source}")
+    with open(source, encoding='utf-8') as f:
+        text = f.read()
+    try:
+        if text.lstrip().startswith('['):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        fail(f"{source} is not JSON or JSONL: {e}")
+
+
+def alpaca_to_chat(r):
+    """An Alpaca record as one user turn and one assistant turn; None if it is unusable."""
+    if not isinstance(r, dict) or not isinstance(r.get('instruction'), str) or not isinstance(r.get('output'), str):
+        return None
+    if not r['instruction'].strip() or not r['output'].strip():
+        return None
+    user = r['instruction'] + ('\n\n' + r['input'] if isinstance(r.get('input'), str) and r['input'].strip() else '')
+    return [{'role': 'user', 'content': user}, {'role': 'assistant', 'content': r['output']}]
+
+
+def task_chat(t):
+    return [{'role': 'user', 'content': t['prompt']}, {'role': 'assistant', 'content': t['answer']}]
+
+
+def load_tasks(split):
+    path = os.path.join(data_dir, 'tasks', f'{split}.jsonl')
+    with open(path, encoding='utf-8') as f:
+        return [json.loads(line) for line in f]
+
+
+def encode_chats(chats, what):
+    """(inputs, targets) per chat (see model.chat_example); truncations and drops are counted."""
+    out, truncated, dropped = [], 0, 0
+    for chat in chats:
+        example = chat_example(chat, tokenizer, block_size)
+        truncated += len(render_chat(chat, tokenizer)[0]) > block_size + 1
+        if example is None:
+            dropped += 1
+        else:
+            out.append(example)
+    if master_process and (truncated or dropped):
+        print(f"{what}: {truncated} chats longer than block_size {block_size} truncated at the end, "
+              f"{dropped} dropped (no assistant token within the block)")
+    return out
+
+
+val_tasks = []
+if data == 'tasks':
+    if not os.path.exists(os.path.join(data_dir, 'tasks', 'train.jsonl')):
+        if master_process:
+            r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare.py'),
+                                'tasks', f'--data_dir={data_dir}'])
+            if r.returncode != 0:
+                sys.exit(r.returncode)
+        if ddp:
+            dist.barrier()
+    train_chats = [task_chat(t) for t in load_tasks('train')]
+    val_tasks = load_tasks('val')
+    val_chats = [task_chat(t) for t in val_tasks]
+    test_tasks = load_tasks('test')
+else:
+    records = load_records(data)
+    chats = [alpaca_to_chat(r) for r in records]
+    bad = sum(c is None for c in chats)
+    chats = [c for c in chats if c is not None]
+    if master_process:
+        print(f"{data}: {len(chats)} usable records, {bad} skipped (missing fields or empty instruction/output)")
+    if len(chats) < 2:
+        fail(f"{data}: fewer than 2 usable records")
+    order = np.random.default_rng(seed).permutation(len(chats))
+    n_val = max(1, int(len(chats) * val_fraction))
+    val_chats = [chats[i] for i in order[:n_val]]
+    train_chats = [chats[i] for i in order[n_val:]]
+    test_tasks = []
+train_data = encode_chats(train_chats, 'train')
+val_data = encode_chats(val_chats, 'val')
+if not train_data or not val_data:
+    fail("no usable training or validation chats")
+
+# pretraining text: for replay and for measuring forgetting
+pretrain_bin = None
+if base_meta.get('pretrain_dataset'):
+    p = os.path.join(base_meta['pretrain_data_dir'], base_meta['pretrain_dataset'])
+    if os.path.exists(os.path.join(p, 'val.bin')):
+        with open(os.path.join(p, 'meta.json')) as f:
+            pretrain_dtype = np.dtype(json.load(f)['dtype'])
+        pretrain_bin = p
+if replay_fraction > 0 and pretrain_bin is None:
+    fail("replay_fraction > 0 needs the base model's pretraining data (a train.py out_dir as init_from, "
+         "with its dataset still prepared)")
+
+
+def pretrain_rows(split, rng, n):
+    data = np.memmap(os.path.join(pretrain_bin, f'{split}.bin'), dtype=pretrain_dtype, mode='r')
+    ix = rng.integers(0, len(data) - block_size, size=n)
+    return [(data[i:i + block_size].astype(np.int64).tolist(), data[i + 1:i + 1 + block_size].astype(np.int64).tolist())
+            for i in ix]
+
+
+def collate(rows):
+    T = max(len(x) for x, _ in rows)
+    x = torch.tensor([x + [0] * (T - len(x)) for x, _ in rows], dtype=torch.long)
+    y = torch.tensor([y + [-1] * (T - len(y)) for _, y in rows], dtype=torch.long)
+    return x.to(device), y.to(device)
+
+
+def get_batch(split, rng):
+    """A micro-batch of chats; with replay, some rows are windows of pretraining text instead."""
+    source = train_data if split == 'train' else val_data
+    n_replay = int(round(replay_fraction * batch_size)) if split == 'train' else 0
+    rows = [source[i] for i in rng.integers(0, len(source), size=batch_size - n_replay)]
+    if n_replay:
+        rows += pretrain_rows('train', rng, n_replay)
+    return collate(rows)
+
+
+# -----------------------------------------------------------------------------
+# optimizer, resume, compile, DDP
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+iter_num = 0
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt['optimizer'])
+    iter_num = ckpt_meta['iter_num']
+    ckpt = None
+raw_model = model
+if compile and device_type == 'cuda':
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[torch.device(device).index] if device_type == 'cuda' else None)
+
+
+@torch.no_grad()
+def eval_loss(batches):
+    """Mean loss over fixed batches (split, i), shared over ranks."""
+    model.eval()
+    total = torch.zeros(2, device=device)
+    for i in range(ddp_rank, len(batches), ddp_world_size):
+        x, y = batches[i]()
+        with ctx:
+            _, loss = model(x, y)
+        total += torch.stack([loss.float(), torch.ones((), device=device)])
+    if ddp:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+val_batches = [lambda i=i: get_batch('val', np.random.default_rng([seed, 2**32, i])) for i in range(eval_iters)]
+pretrain_batches = [lambda i=i: collate(pretrain_rows('val', np.random.default_rng([seed, 2**33, i]), batch_size))
+                    for i in range(eval_iters)] if pretrain_bin else []
+
+
+def evaluate(tag, tasks, test=False):
+    """Val loss on assistant tokens, pretraining-text loss (forgetting), gold accuracy per skill on val
+    prompts and, with test=True, on the test prompts (the numbers the results table reports)."""
+    result = {'val_loss': eval_loss(val_batches)}
+    if pretrain_batches:
+        result['pretrain_val_loss'] = eval_loss(pretrain_batches)
+    if tasks and master_process:
+        acc, replies = gold_accuracy(raw_model, tokenizer, tasks)
+        result['accuracy'] = acc
+        result['example'] = {'prompt': tasks[0]['prompt'], 'reply': replies[0]}
+    if test and test_tasks and master_process:
+        result['test_accuracy'], _ = gold_accuracy(raw_model, tokenizer, test_tasks)
+    if master_process:
+        acc_text = ', '.join(f"{k} {v:.0%}" for k, v in result.get('accuracy', {}).items())
+        if 'test_accuracy' in result:
+            acc_text += '; test: ' + ', '.join(f"{k} {v:.0%}" for k, v in result['test_accuracy'].items())
+        pre = f", pretrain-text loss {result['pretrain_val_loss']:.4f}" if 'pretrain_val_loss' in result else ''
+        print(f"[{tag}] val loss {result['val_loss']:.4f}{pre}" + (f"; gold accuracy: {acc_text}" if acc_text else ''))
+        log({'iter': iter_num, 'eval': tag, **result})
+    return result
+
+
+def log(record):
+    if master_process:
+        with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
+            f.write(json.dumps(record) + '\n')
+
+
+def save():
+    """Training state (ckpt.pt), the adapter alone (adapter.pt), and the merged model (model.pt)."""
+    sd = clean_state_dict(raw_model.state_dict())
+    meta = dict(model_args=raw_model.config.__dict__, lora=lora, iter_num=iter_num, config=config,
+                base=base_meta, data_meta=base_meta['data_meta'])
+    save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), {'model': sd, 'optimizer': optimizer.state_dict()}, meta)
+    if lora:
+        adapter = lora_state_dict(raw_model)
+        adapter['chat_token_rows'] = raw_model.transformer.wte.weight[chat_token_ids].detach().cpu()
+        save_checkpoint(os.path.join(out_dir, 'adapter.pt'), adapter,
+                        dict(lora=lora, base=base_meta['init_from'], chat_token_ids=chat_token_ids))
+    merged = GPT(GPTConfig(**raw_model.config.__dict__))
+    if lora:
+        apply_lora(merged, **lora)
+    merged.load_state_dict(sd)
+    if lora:
+        merge_lora(merged)
+    save_checkpoint(os.path.join(out_dir, 'model.pt'), {'model': merged.state_dict()},
+                    dict(model_args=merged.config.__dict__, data_meta=base_meta['data_meta'], sft=meta['config'],
+                         base=base_meta))
+
+
+# -----------------------------------------------------------------------------
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+eval_task_set = val_tasks[:eval_tasks] if eval_tasks else []
+before = evaluate('base' if iter_num == 0 else f'resumed at {iter_num}', eval_task_set, test=iter_num == 0)
+after = before
+tokens_seen, t0, t_log = 0, time.time(), time.time()
+loss_sum = torch.zeros((), device=device)
+if device_type == 'cuda':
+    torch.cuda.reset_peak_memory_stats()
+while iter_num < max_iters:
+    lr = get_lr(iter_num, learning_rate, warmup_iters, max_iters, min_lr) if decay_lr else learning_rate
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    for micro_step in range(accum_steps):
+        rng = np.random.default_rng([seed, iter_num, ddp_rank * accum_steps + micro_step])
+        x, y = get_batch('train', rng)
+        tokens_seen += int((y != -1).sum()) * ddp_world_size
+        if ddp:
+            model.require_backward_grad_sync = (micro_step == accum_steps - 1)
+        with ctx:
+            _, loss = model(x, y)
+            loss = loss / accum_steps
+        loss_sum += loss.detach()
+        scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    if iter_num % log_interval == 0 or iter_num == max_iters:
+        if ddp:
+            dist.all_reduce(loss_sum)
+            loss_sum /= ddp_world_size
+        lossf = loss_sum.item() / (log_interval if iter_num % log_interval == 0 else iter_num % log_interval)
+        if not math.isfinite(lossf):
+            fail(f"loss is NaN or inf at iteration {iter_num}; the last good checkpoint in {out_dir} is kept")
+        if master_process:
+            dt = time.time() - t_log
+            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {tokens_seen / (time.time() - t0):,.0f} "
+                  f"trained tokens/s")
+            log({'iter': iter_num, 'loss': lossf, 'lr': lr})
+        loss_sum.zero_()
+        t_log = time.time()
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        last = iter_num == max_iters
+        after = evaluate(f'iter {iter_num}', eval_task_set if last else [], test=last)
+        if master_process:
+            save()
+
+elapsed = time.time() - t0
+if master_process:
+    summary = dict(mode='lora' if lora else 'full', trainable_params=n_trainable, total_params=n_params,
+                   trainable_pct=100 * n_trainable / n_params, train_seconds=elapsed,
+                   tokens_per_s=tokens_seen / max(elapsed, 1e-9),
+                   peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if device_type == 'cuda' else None)
+    print(f"trained {iter_num} iterations in {elapsed:.1f} s, {summary['tokens_per_s']:,.0f} trained tokens/s"
+          + (f", peak memory {summary['peak_memory_mb']:.0f} MiB" if summary['peak_memory_mb'] else ''))
+    log({'summary': summary, 'before': before, 'after': after})
+if ddp:
+    dist.destroy_process_group()

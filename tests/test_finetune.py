@@ -1,0 +1,326 @@
+"""LoRA, the chat format and finetune_lora.py, against references: the base model's own outputs, the
+merge written out as W + scale * B @ A, and losses computed by hand over assistant tokens."""
+import json
+import math
+
+import pytest
+import torch
+
+import bpe
+import model as M
+from conftest import SHAKESPEARE, run
+from model import GPT, GPTConfig, apply_lora, lora_disabled, merge_lora
+
+
+def tiny(vocab_size=40, **kw):
+    torch.manual_seed(0)
+    cfg = dict(block_size=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+@pytest.fixture(scope='module')
+def chat_tokenizer():
+    tok = bpe.Tokenizer('gpt2')
+    tok.train("Repeat after me: cat dog owl. What is 12 plus 30? 42 " * 20, 300)
+    tok.register_special_tokens(['<|endoftext|>', *M.CHAT_TOKENS])
+    return tok
+
+
+def lora_model(rank=4, targets=('attn', 'proj', 'mlp_in', 'mlp_out')):
+    m = tiny()
+    base = tiny()
+    apply_lora(m, rank=rank, alpha=8, targets=targets)
+    return base, m
+
+
+def test_lora_at_init_equals_base_exactly():
+    base, m = lora_model()
+    idx = torch.randint(0, 40, (3, 20))
+    out = m(idx, torch.zeros_like(idx))[0]
+    ref = base(idx, torch.zeros_like(idx))[0]
+    assert (out - ref).abs().max().item() == 0.0
+
+
+def test_lora_wraps_the_chosen_layers_and_freezes_the_rest():
+    _, m = lora_model(targets=('attn', 'mlp_out'))
+    wrapped = [n for n, mod in m.named_modules() if isinstance(mod, M.LoRALinear)]
+    assert wrapped == ['transformer.h.0.attn.c_attn', 'transformer.h.0.mlp.c_proj',
+                       'transformer.h.1.attn.c_attn', 'transformer.h.1.mlp.c_proj']
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {f'{w}.lora_{x}' for w in wrapped for x in 'AB'}
+
+
+def randomize_b(m):
+    with torch.no_grad():
+        for layer in M.lora_layers(m):
+            layer.lora_B.normal_(0, 0.1)
+
+
+def test_lora_forward_is_base_plus_scaled_low_rank_update():
+    _, m = lora_model()
+    randomize_b(m)
+    layer = m.transformer.h[0].attn.c_attn
+    x = torch.randn(5, 32)
+    ref = x @ (layer.base.weight + (8 / 4) * layer.lora_B @ layer.lora_A).T + layer.base.bias
+    assert (layer(x) - ref).abs().max() < 1e-5
+
+
+def test_merged_equals_unmerged_and_disable_gives_base():
+    base, m = lora_model()
+    randomize_b(m)
+    idx = torch.randint(0, 40, (2, 16))
+    unmerged = m(idx, torch.zeros_like(idx))[0]
+    with lora_disabled(m):
+        off = m(idx, torch.zeros_like(idx))[0]
+    assert (off - base(idx, torch.zeros_like(idx))[0]).abs().max().item() == 0.0
+    assert (unmerged - off).abs().max() > 1e-3  # the adapters do something
+    for layer in M.lora_layers(m):
+        layer.merge()
+    merged = m(idx, torch.zeros_like(idx))[0]
+    assert (merged - unmerged).abs().max() < 1e-5
+    for layer in M.lora_layers(m):
+        layer.unmerge()
+    assert (m(idx, torch.zeros_like(idx))[0] - unmerged).abs().max() < 1e-5
+    plain = merge_lora(m)
+    assert not M.lora_layers(plain)
+    assert (plain(idx, torch.zeros_like(idx))[0] - unmerged).abs().max() < 1e-5
+
+
+def test_frozen_weights_unchanged_after_steps_except_chat_rows():
+    _, m = lora_model()
+    M.train_token_rows(m, [37, 38])
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = m.configure_optimizers(0.1, 1e-2, (0.9, 0.99), 'cpu')
+    m.train()
+    for _ in range(5):
+        idx = torch.randint(0, 40, (4, 16))
+        idx[:, 3] = 37
+        _, loss = m(idx, torch.roll(idx, -1, 1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for n, p in m.named_parameters():
+        if '.lora_' in n:
+            continue
+        if n == 'transformer.wte.weight':
+            rows = torch.ones(40, dtype=torch.bool)
+            rows[[37, 38]] = False
+            assert torch.equal(p[rows], before[n][rows]), "only the chat-token rows may train"
+            assert not torch.equal(p[37], before[n][37])
+        else:
+            assert torch.equal(p, before[n]), n
+    assert any(not torch.equal(p, before[n]) for n, p in m.named_parameters() if '.lora_B' in n)
+
+
+def test_adapter_save_load_round_trip(tmp_path):
+    _, m = lora_model()
+    randomize_b(m)
+    M.save_checkpoint(str(tmp_path / 'adapter.pt'), M.lora_state_dict(m), {'lora': 'r4'})
+    tensors, meta = M.load_checkpoint(str(tmp_path / 'adapter.pt'))
+    assert all('.lora_' in k for k in tensors) and len(tensors) == 2 * 2 * 4
+    _, fresh = lora_model()
+    missing, unexpected = fresh.load_state_dict(tensors, strict=False)
+    assert not unexpected and all('.lora_' not in k for k in missing)
+    idx = torch.randint(0, 40, (2, 16))
+    assert torch.equal(fresh(idx, torch.zeros_like(idx))[0], m(idx, torch.zeros_like(idx))[0])
+
+
+def test_chat_renderer_round_trips_and_masks_assistant(chat_tokenizer):
+    tok = chat_tokenizer
+    chat = [{'role': 'user', 'content': 'Repeat after me: cat <|end|> dog'},
+            {'role': 'assistant', 'content': 'cat <|end|> dog'},
+            {'role': 'user', 'content': 'What is 12 plus 30?'},
+            {'role': 'assistant', 'content': '42'}]
+    ids, mask = M.render_chat(chat, tok)
+    assert M.parse_chat(ids, tok) == chat  # special-looking text in content stays text
+    user, assistant, end = M.chat_ids(tok)
+    assert ids.count(end) == 4  # typed '<|end|>' did not become the special token
+    # the mask covers exactly each assistant content plus its <|end|>
+    expected = []
+    for m in chat:
+        n = len(tok.encode_ordinary(m['content']))
+        expected += [False] + [m['role'] == 'assistant'] * (n + 1)
+    assert mask == expected
+    prompt = M.render_prompt(chat[:1], tok)
+    assert prompt[-1] == assistant and prompt[:-1] == M.render_chat(chat[:1], tok)[0]
+
+
+def test_only_assistant_tokens_carry_loss(chat_tokenizer):
+    tok = chat_tokenizer
+    m = tiny(vocab_size=tok.n_vocab, block_size=64)
+    chat = [{'role': 'user', 'content': 'What is 12 plus 30?'}, {'role': 'assistant', 'content': '42'}]
+    x, y = M.chat_example(chat, tok, 64)
+    x, y = torch.tensor([x]), torch.tensor([y])
+    _, loss = m(x, y)
+    # by hand: mean negative log-probability of the assistant tokens only
+    logits = m(x, torch.zeros_like(x))[0][0]
+    ids, mask = M.render_chat(chat, tok)
+    nll = [-torch.log_softmax(logits[t], -1)[ids[t + 1]] for t in range(len(ids) - 1) if mask[t + 1]]
+    assert abs(loss.item() - (sum(nll) / len(nll)).item()) < 1e-5
+    # changing a prompt token's target leaves the loss unchanged, changing an assistant one does not
+    raw = torch.tensor([ids[1:]])  # the unmasked next tokens
+    keep = torch.tensor([mask[1:]])
+    prompt_t = next(t for t in range(len(ids) - 1) if not mask[t + 1])
+    answer_t = next(t for t in range(len(ids) - 1) if mask[t + 1])
+    for t, same in ((prompt_t, True), (answer_t, False)):
+        changed = raw.clone()
+        changed[0, t] = (changed[0, t] + 1) % tok.n_vocab
+        _, loss2 = m(x, torch.where(keep, changed, -1))
+        assert (abs(loss2.item() - loss.item()) < 1e-7) == same
+
+
+def test_long_conversation_is_truncated_at_the_end(chat_tokenizer):
+    tok = chat_tokenizer
+    chat = [{'role': 'user', 'content': 'cat ' * 10}, {'role': 'assistant', 'content': 'dog ' * 50}]
+    x, y = M.chat_example(chat, tok, 24)
+    full, _ = M.render_chat(chat, tok)
+    assert len(x) == 24 and x == full[:24] and y[-1] == full[24]
+    # a prompt that fills the whole block leaves nothing to learn: dropped
+    assert M.chat_example([{'role': 'user', 'content': 'cat ' * 40}, chat[1]], tok, 24) is None
+
+
+def test_task_suite_is_seeded_disjoint_and_checkable():
+    a, b = M.make_task_suite(50, seed=3), M.make_task_suite(50, seed=3)
+    assert a == b
+    keys = {s: {t['key'] for t in v} for s, v in a.items()}
+    assert not keys['train'] & keys['val'] and not keys['train'] & keys['test'] and not keys['val'] & keys['test']
+    assert {t['skill'] for t in a['test']} == set(M.SKILLS)
+    for t in a['train']:
+        assert M.check_answer(t, ' ' + t['answer'] + '\n')
+        assert not M.check_answer(t, t['answer'] + ' x')
+    # the answers against a slow recomputation from the prompt's words
+    for t in a['train']:
+        words = t['prompt'].split(': ')[-1].split()
+        if t['skill'] == 'sort':
+            assert t['answer'] == ' '.join(sorted(words))
+        elif t['skill'] == 'reverse':
+            assert t['answer'] == ' '.join(words[::-1])
+        elif t['skill'] == 'add':
+            nums = [int(w.strip('?.')) for w in t['prompt'].split() if w.strip('?.').isdigit()]
+            assert int(t['answer']) == sum(nums)
+
+
+def test_gold_accuracy_with_a_model_that_answers_by_rule(chat_tokenizer):
+    # a stand-in model whose greedy reply is the right answer for 'copy' tasks: accuracy must be 100% there
+    tok = chat_tokenizer
+    tasks = [t for t in M.make_task_suite(20, seed=1)['test'] if t['skill'] in ('copy', 'add')]
+
+    class Oracle(torch.nn.Module):
+        training = False
+
+        def eval(self):
+            return self
+
+        def train(self, mode=True):
+            return self
+
+        def generate(self, prompts, n, temperature, stop_token, vocab_limit):
+            out = []
+            for p in prompts:
+                text = tok.decode(p)
+                task = next(t for t in tasks if t['prompt'] in text)
+                out.append(tok.encode_ordinary(task['answer'] if task['skill'] == 'copy' else 'no'))
+            return out
+
+    acc, replies = M.gold_accuracy(Oracle(), tok, tasks)
+    assert acc['copy'] == 1.0 and acc['add'] == 0.0
+    assert math.isclose(acc['all'], sum(t['skill'] == 'copy' for t in tasks) / len(tasks))
+
+
+# -----------------------------------------------------------------------------
+# finetune_lora.py end to end: a tiny base pretrained on Shakespeare plus task text, then SFT
+
+@pytest.fixture(scope='module')
+def chat_base(tmp_path_factory):
+    """data_dir with the task suite and a tiny base model pretrained on it (about 40 s on 2 cores)."""
+    d = tmp_path_factory.mktemp('chat')
+    (d / 'small.txt').write_text(SHAKESPEARE.read_text()[:100_000])
+    run(['prepare.py', 'tasks', f'--data_dir={d}', '--n_per_skill=400'])
+    run(['prepare.py', 'shakespeare_tasks', f'--data_dir={d}', f'--input={d / "small.txt"}', '--vocab_size=384'])
+    run(['train.py', '--dataset=shakespeare_tasks', f'--data_dir={d}', f'--out_dir={d / "base"}', '--n_layer=2',
+         '--n_head=2', '--n_embd=64', '--block_size=64', '--batch_size=32', '--gradient_accumulation_steps=1',
+         '--max_iters=600', '--lr_decay_iters=600', '--warmup_iters=20', '--learning_rate=3e-3', '--min_lr=3e-4',
+         '--eval_interval=600', '--eval_iters=5', '--log_interval=200', '--device=cpu', '--compile=False'])
+    return d
+
+
+def sft(d, out, *extra):
+    return run(['finetune_lora.py', f'--init_from={d / "base"}', f'--data_dir={d}', f'--out_dir={d / out}',
+                '--max_iters=300', '--eval_interval=300', '--log_interval=100', '--eval_tasks=100', '--eval_iters=5',
+                '--learning_rate=3e-3', '--device=cpu', *extra])
+
+
+def summary(path):
+    records = [json.loads(line) for line in open(path)]
+    return next(r for r in records if 'summary' in r)
+
+
+def test_full_sft_raises_gold_accuracy_on_easiest_skill(chat_base):
+    p = sft(chat_base, 'sft_full', '--lora_rank=0')
+    s = summary(chat_base / 'sft_full' / 'metrics.jsonl')
+    before, after = s['before']['test_accuracy'], s['after']['test_accuracy']
+    assert after['copy'] > before['copy'], p.stdout
+    assert s['after']['val_loss'] < s['before']['val_loss']
+    assert s['summary']['trainable_pct'] == 100.0
+    # forgetting is measured on the base's pretraining text
+    assert 'pretrain_val_loss' in s['before'] and 'pretrain_val_loss' in s['after']
+    # the exported model.pt is a plain GPT whose greedy replies give the logged accuracy
+    m, meta = M.model_from_checkpoint(str(chat_base / 'sft_full' / 'model.pt'))
+    tok = M.load_tokenizer(meta['data_meta'])
+    tasks = [json.loads(line) for line in open(chat_base / 'tasks' / 'test.jsonl')]
+    acc, replies = M.gold_accuracy(m, tok, tasks)
+    assert acc == after
+    # sample.py's chat mode gives the same greedy reply to the same prompt, over two turns
+    t = tasks[0]
+    chat = run(['sample.py', f'--out_dir={chat_base / "sft_full"}', '--chat=True', '--temperature=0',
+                '--max_new_tokens=16', '--device=cpu'], input=t['prompt'] + '\n' + t['prompt'] + '\n\n')
+    lines = chat.stdout.splitlines()
+    assert lines[0] == replies[0]
+    assert len(lines) == 2
+
+
+def test_lora_sft_trains_a_small_adapter_and_resumes(chat_base):
+    sft(chat_base, 'sft_lora', '--max_iters=100', '--eval_interval=50', '--lora_rank=4')
+    s = summary(chat_base / 'sft_lora' / 'metrics.jsonl')
+    assert s['after']['val_loss'] < s['before']['val_loss']
+    assert 0 < s['summary']['trainable_pct'] < 10
+    adapter, meta = M.load_checkpoint(str(chat_base / 'sft_lora' / 'adapter.pt'))
+    assert meta['lora']['rank'] == 4
+    n = sum(v.numel() for k, v in adapter.items() if '.lora_' in k)
+    assert n == 2 * 4 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))  # 2 layers, r * (in + out) each
+    # the base weights + adapter reproduce the merged export
+    base, _ = M.model_from_checkpoint(str(chat_base / 'base' / 'ckpt.pt'))
+    M.apply_lora(base, **meta['lora'])
+    base.load_state_dict({k: v for k, v in adapter.items() if '.lora_' in k}, strict=False)
+    with torch.no_grad():
+        base.transformer.wte.weight[meta['chat_token_ids']] = adapter['chat_token_rows']
+    merged, _ = M.model_from_checkpoint(str(chat_base / 'sft_lora' / 'model.pt'))
+    idx = torch.randint(0, 300, (2, 30))
+    assert (base.eval()(idx, idx)[0] - merged.eval()(idx, idx)[0]).abs().max() < 1e-5
+    # resume continues to max_iters from the iteration it stopped at
+    sft(chat_base, 'sft_lora', '--max_iters=120', '--eval_interval=50', '--lora_rank=4', '--init_from=resume')
+    records = [json.loads(line) for line in open(chat_base / 'sft_lora' / 'metrics.jsonl')]
+    assert records[-1]['summary'] and any(r.get('eval') == 'resumed at 100' for r in records)
+
+
+def test_alpaca_data_bad_records_are_skipped_and_counted(chat_base, tmp_path):
+    rows = [{'instruction': 'Copy: cat', 'input': '', 'output': 'cat'}] * 30 + [
+        {'instruction': 'no output'}, {'instruction': '', 'output': 'x'}, {'output': 'y'}, 'not a record',
+        {'instruction': 'Copy: ' + 'dog ' * 100, 'input': '', 'output': 'dog'}]
+    path = tmp_path / 'alpaca.jsonl'
+    path.write_text('\n'.join(json.dumps(r) for r in rows))
+    p = sft(chat_base, 'sft_alpaca', f'--data={path}', '--max_iters=5', '--eval_interval=5', '--eval_tasks=0')
+    assert '31 usable records, 4 skipped' in p.stdout
+    assert 'dropped' in p.stdout  # the over-long one: no assistant token within block_size
+
+
+def test_finetune_bad_input_fails_fast(chat_base, tmp_path):
+    bad = tmp_path / 'bad.json'
+    bad.write_text('{not json')
+    for args, msg in ((['--data=' + str(bad)], 'not JSON'), (['--data=/no/such/file.json'], 'not found'),
+                      (['--lora_targets=attn,qkv'], 'lora_targets'), (['--init_from=/no/such/dir'], 'init_from')):
+        p = run(['finetune_lora.py', f'--init_from={chat_base / "base"}', f'--data_dir={chat_base}',
+             f'--out_dir={tmp_path / "never"}', '--device=cpu', *args], check=False)
+        assert p.returncode != 0 and msg in p.stderr, (args, p.stderr)
+        assert not (tmp_path / 'never').exists()

@@ -665,9 +665,19 @@ def bench_cli(input, gpt2_dir):
             best = max(best, mb / (time.time() - t0))
         return best, ids
 
+    if not gpt2_dir:  # GPT-2's original tokenizer files, fetched once
+        from model import CACHE_DIR, download
+        gpt2_dir = os.path.join(CACHE_DIR, "gpt2-tokenizer")
+        for f in ("vocab.bpe", "encoder.json"):
+            if not os.path.exists(os.path.join(gpt2_dir, f)):
+                try:
+                    download(f"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{f}",
+                             os.path.join(gpt2_dir, f))
+                except RuntimeError as e:
+                    raise ValueError(f"{e}. Offline? Pass --gpt2_dir=A_FOLDER_WITH_vocab.bpe_AND_encoder.json")
     paths = [os.path.join(gpt2_dir, f) for f in ("vocab.bpe", "encoder.json")]
     gpt2 = from_gpt2_files(*paths)
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", gpt2_dir)  # lets tiktoken find GPT-2's files offline
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", gpt2_dir)  # tiktoken reads its own copies there if present
     import tiktoken
     reference = tiktoken.get_encoding("gpt2")
     for name, encoder in [("bpe.py, GPT-2 ranks", gpt2), ("bpe.py, trained 4096", tok)]:
@@ -682,16 +692,15 @@ def bench_cli(input, gpt2_dir):
 
 if __name__ == "__main__":
     # config, overridable as --key=value (see configurator.py); defaults train on tiny shakespeare
-    input = "../shared/data/tinyshakespeare/input.txt"  # UTF-8 text to train on
+    input = "data/shakespeare_char/input.txt"  # UTF-8 text to train on (python prepare.py shakespeare_char gets it)
     vocab_size = 4096             # including the special tokens
     out = "out/tokenizer"         # writes out/tokenizer.model and out/tokenizer.vocab
     pattern = "gpt2"              # gpt2 | gpt4 | none | a regex
     special_tokens = "<|endoftext|>"  # comma separated, registered after training
     val_fraction = 0.1            # train on the first 90%, report compression on the rest
     bench = False                 # instead of training: time training and encoding
-    gpt2_dir = "../shared/data/tiktoken_cache"  # for --bench: GPT-2's vocab.bpe and encoder.json
+    gpt2_dir = ""                 # for --bench: a folder with GPT-2's vocab.bpe and encoder.json ("": download them)
     from configurator import apply_config
-    sys.argv = [a + "=True" if a == "--bench" else a for a in sys.argv]  # allow a bare --bench
     apply_config(globals())
     try:
         if bench:

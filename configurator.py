@@ -78,6 +78,8 @@ def apply_config(g, argv=None):
                 g[k] = check_and_convert(k, v, g, known, arg)
             print(f"config: {arg}", file=sys.stderr)
         else:
+            if '=' not in arg and type(g.get(arg[2:])) is bool:
+                arg += '=True'  # a bare --flag turns a boolean on
             if '=' not in arg:
                 fail(f"expected --key=value, got '{arg}'")
             key, raw = arg[2:].split('=', 1)

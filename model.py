@@ -823,7 +823,7 @@ def make_task(skill, rng):
     """One random instance: {'skill', 'prompt', 'answer', 'key'}; key names the instance without its
     phrasing, so that splits can be kept disjoint."""
     if skill == 'copy':
-        words = [rng.choice(TASK_WORDS) for _ in range(rng.randint(1, 3))]
+        words = [rng.choice(TASK_WORDS) for _ in range(rng.randint(2, 4))]
         args, answer = dict(x=' '.join(words)), ' '.join(words)
     elif skill == 'sort':
         digits = [str(rng.randint(0, 9)) for _ in range(rng.randint(3, 5))]
@@ -863,8 +863,8 @@ def make_task_suite(n_per_skill, seed=0, fractions=(0.8, 0.1, 0.1)):
         splits['train'] += tasks[:n_train]
         splits['val'] += tasks[n_train:n_train + n_val]
         splits['test'] += tasks[n_train + n_val:]
-    for tasks in splits.values():
-        rng.shuffle(tasks)  # skills interleaved: any prefix of a split covers them all
+    for split in ('val', 'test'):
+        rng.shuffle(splits[split])  # skills interleaved: any prefix covers them all
     return splits
 
 

@@ -140,3 +140,11 @@ def test_scripts_fail_before_any_work(args, expected, tmp_path):
     assert time.time() - t0 < 30
     assert not out.exists() and not data.exists()  # nothing was created
     assert p.stdout == ''  # no work was reported
+
+
+def test_bare_flag_turns_a_boolean_on(capsys):
+    g = script_globals()
+    g['compile'] = False
+    apply_config(g, ['--compile'])
+    assert g['compile'] is True
+    assert 'expected --key=value' in apply_fails(capsys, ['--batch_size'])  # only booleans may be bare

@@ -233,15 +233,15 @@ def test_gold_accuracy_with_a_model_that_answers_by_rule(chat_tokenizer):
 
 @pytest.fixture(scope='module')
 def chat_base(tmp_path_factory):
-    """data_dir with the task suite and a tiny base model pretrained on it (about 40 s on 2 cores)."""
+    """data_dir with the task suite and a tiny base model pretrained on it (about a minute on 2 cores)."""
     d = tmp_path_factory.mktemp('chat')
     (d / 'small.txt').write_text(SHAKESPEARE.read_text()[:100_000])
     run(['prepare.py', 'tasks', f'--data_dir={d}', '--n_per_skill=400'])
     run(['prepare.py', 'shakespeare_tasks', f'--data_dir={d}', f'--input={d / "small.txt"}', '--vocab_size=384'])
     run(['train.py', '--dataset=shakespeare_tasks', f'--data_dir={d}', f'--out_dir={d / "base"}', '--n_layer=2',
-         '--n_head=2', '--n_embd=64', '--block_size=64', '--batch_size=32', '--gradient_accumulation_steps=1',
-         '--max_iters=600', '--lr_decay_iters=600', '--warmup_iters=20', '--learning_rate=3e-3', '--min_lr=3e-4',
-         '--eval_interval=600', '--eval_iters=5', '--log_interval=200', '--device=cpu', '--compile=False'])
+         '--n_head=4', '--n_embd=64', '--block_size=64', '--batch_size=32', '--gradient_accumulation_steps=1',
+         '--max_iters=1000', '--lr_decay_iters=1000', '--warmup_iters=20', '--learning_rate=3e-3', '--min_lr=3e-4',
+         '--eval_interval=1000', '--eval_iters=5', '--log_interval=500', '--device=cpu', '--compile=False'])
     return d
 
 
@@ -257,7 +257,7 @@ def summary(path):
 
 
 def test_full_sft_raises_gold_accuracy_on_easiest_skill(chat_base):
-    p = sft(chat_base, 'sft_full', '--lora_rank=0')
+    p = sft(chat_base, 'sft_full', '--lora_rank=0', '--max_iters=400', '--eval_interval=400')
     s = summary(chat_base / 'sft_full' / 'metrics.jsonl')
     before, after = s['before']['test_accuracy'], s['after']['test_accuracy']
     assert after['copy'] > before['copy'], p.stdout
@@ -297,7 +297,7 @@ def test_lora_sft_trains_a_small_adapter_and_resumes(chat_base):
         base.transformer.wte.weight[meta['chat_token_ids']] = adapter['chat_token_rows']
     merged, _ = M.model_from_checkpoint(str(chat_base / 'sft_lora' / 'model.pt'))
     idx = torch.randint(0, 300, (2, 30))
-    assert (base.eval()(idx, idx)[0] - merged.eval()(idx, idx)[0]).abs().max() < 1e-5
+    assert (base.eval()(idx, idx)[0] - merged.eval()(idx, idx)[0]).abs().max() < 1e-4  # logits ~10: float32 rounding
     # resume continues to max_iters from the iteration it stopped at
     sft(chat_base, 'sft_lora', '--max_iters=120', '--eval_interval=50', '--lora_rank=4', '--init_from=resume')
     records = [json.loads(line) for line in open(chat_base / 'sft_lora' / 'metrics.jsonl')]

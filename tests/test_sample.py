@@ -1,5 +1,6 @@
 """sample.py against references: greedy text from a plain argmax loop over the checkpoint's model, and the
 streamed text of one sample against the whole sample decoded at once."""
+import numpy as np
 import pytest
 import tiktoken
 import torch
@@ -94,3 +95,28 @@ def test_errors_are_one_line(args, expected, char_ckpt, tmp_path):
     p = sample(char_ckpt, *args, check=False)
     assert expected in error_line(p)
     assert p.stdout == ''
+
+
+def test_bpe_tokenizer_through_prepare_train_and_sample(tmp_path):
+    """A tokenizer trained with bpe.py: prepare.py encodes with it and records it in meta.json, and
+    sample.py decodes with it, giving the text of the greedy reference loop."""
+    import json
+    import bpe
+    from conftest import SHAKESPEARE
+    text = SHAKESPEARE.read_text()[:60_000]
+    (tmp_path / 'in.txt').write_text(text)
+    run(['bpe.py', f'--input={tmp_path / "in.txt"}', '--vocab_size=400', f'--out={tmp_path / "tok"}'])
+    run(['prepare.py', f'--input={tmp_path / "in.txt"}', '--dataset=mybpe', f'--data_dir={tmp_path}',
+         f'--tokenizer={tmp_path / "tok.model"}'])
+    meta = json.loads((tmp_path / 'mybpe' / 'meta.json').read_text())
+    tok = bpe.load(str(tmp_path / 'tok.model'))
+    assert meta['tokenizer'] == 'bpe' and meta['vocab_size'] == tok.n_vocab
+    assert meta['bpe_model'] == (tmp_path / 'tok.model').read_text()
+    ids = [int(i) for split in ('train', 'val')
+           for i in np.fromfile(tmp_path / 'mybpe' / f'{split}.bin', dtype=meta['dtype'])]
+    assert ids == tok.encode_ordinary(text)
+    run(train_args(tmp_path, tmp_path / 'out', '--max_iters=20', dataset='mybpe'))
+    prompt = 'ROMEO:'
+    expected = greedy_reference(tmp_path / 'out' / 'ckpt.pt', prompt, 40)
+    p = sample(tmp_path / 'out', f'--start={prompt}', '--temperature=0', '--max_new_tokens=40', '--num_samples=2')
+    assert p.stdout == (prompt + expected + '\n---------------\n') * 2

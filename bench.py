@@ -1,0 +1,136 @@
+"""
+Benchmark: training throughput (tokens/s, MFU) and sampling throughput (KV cache vs recomputing the
+context) for any model size, on synthetic or real data. Prints one summary table.
+
+    python bench.py                                          # GPT-2 124M shape, synthetic data
+    python bench.py config/shakespeare_cpu.py --device=cpu   # the CPU quickstart model
+    python bench.py --real_data=True --dataset=shakespeare_char
+
+Timings exclude warmup steps (compilation, allocator growth); each figure is the median of `repeats`
+timed runs, with the device synchronized before reading the clock.
+"""
+import os
+import statistics
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+batch_size = 12
+block_size = 1024
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0
+bias = True
+pos_emb = 'learned'
+vocab_size = 50304
+real_data = False          # True: batches from data_dir/dataset/train.bin instead of random ids
+dataset = 'shakespeare_char'
+data_dir = 'data'
+device = 'auto'
+dtype = 'auto'
+compile = True             # torch.compile (CUDA only)
+warmup = 5                 # untimed training steps
+steps = 20                 # timed training steps per repeat
+repeats = 3
+sample_batch = 10          # sampling: sequences drawn as one batch
+sample_tokens = 200        # new tokens per sequence
+seed = 1337
+# the config files written for train.py carry keys this benchmark does not use
+out_dir = eval_interval = eval_iters = log_interval = always_save_checkpoint = init_from = None
+gradient_accumulation_steps = learning_rate = max_iters = lr_decay_iters = min_lr = beta2 = warmup_iters = None
+weight_decay = decay_lr = wandb_log = wandb_project = wandb_run_name = None
+# -----------------------------------------------------------------------------
+from configurator import apply_config
+apply_config(globals())
+
+torch.manual_seed(seed)
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device_type = 'cuda' if 'cuda' in device else 'cpu'
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+torch.backends.cuda.matmul.allow_tf32 = True
+
+
+def sync():
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+
+
+if real_data:
+    import json
+    with open(os.path.join(data_dir, dataset, 'meta.json')) as f:
+        meta = json.load(f)
+    data = np.memmap(os.path.join(data_dir, dataset, 'train.bin'), dtype=np.dtype(meta['dtype']), mode='r')
+    vocab_size = meta['vocab_size']
+
+
+def get_batch(rng):
+    if real_data:
+        ix = rng.integers(0, len(data) - block_size, size=batch_size)
+        x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in ix]))
+        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in ix]))
+    else:
+        x = torch.from_numpy(rng.integers(0, vocab_size, size=(batch_size, block_size)))
+        y = torch.roll(x, -1, 1)
+    return x.to(device), y.to(device)
+
+
+model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                      n_embd=n_embd, dropout=dropout, bias=bias, pos_emb=pos_emb)).to(device)
+optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
+train_model = torch.compile(model) if compile and device_type == 'cuda' else model
+rng = np.random.default_rng(seed)
+
+# training: forward, backward, clip, AdamW step
+times = []
+for r in range(repeats):
+    for i in range(warmup + steps if r == 0 else steps):
+        if r == 0 and i == warmup or r > 0 and i == 0:
+            sync()
+            t0 = time.time()
+        x, y = get_batch(rng)
+        with ctx:
+            _, loss = train_model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync()
+    times.append((time.time() - t0) / steps)
+dt = statistics.median(times)
+tok_s = batch_size * block_size / dt
+mfu = model.estimate_mfu(tok_s, device)
+
+# sampling: one batch of sample_batch sequences, sample_tokens new tokens each (capped by block_size)
+model.eval()
+n_new = min(sample_tokens, block_size - 1)
+prompts = [[0]] * sample_batch
+sample_rates = {}
+for use_cache in (True, False):
+    runs = []
+    for _ in range(repeats if use_cache else 1):  # the slow path once: it is only the reference
+        sync()
+        t0 = time.time()
+        with torch.no_grad(), ctx:
+            model.generate(prompts, n_new, temperature=1.0, generator=torch.Generator(device=device).manual_seed(0),
+                           use_cache=use_cache)
+        sync()
+        runs.append(time.time() - t0)
+    sample_rates[use_cache] = sample_batch * n_new / statistics.median(runs)
+
+name = torch.cuda.get_device_name() if device_type == 'cuda' else f'cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)'
+print(f"\n{name}, {dtype}, compile={compile and device_type == 'cuda'}, {model.get_num_params() / 1e6:.2f}M parameters")
+print(f"| what | result |\n|---|---|")
+print(f"| training, batch {batch_size} x {block_size} | {dt * 1000:.1f} ms/iter, {tok_s:,.0f} tokens/s"
+      + (f", MFU {mfu * 100:.1f}%" if mfu is not None else "") + " |")
+print(f"| sampling {sample_batch} x {n_new} tokens, KV cache | {sample_rates[True]:,.0f} tokens/s |")
+print(f"| sampling {sample_batch} x {n_new} tokens, no cache (reference) | {sample_rates[False]:,.0f} tokens/s |")

@@ -263,3 +263,15 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     assert torch.equal(all_logits(m, idx), all_logits(m2.eval(), idx))
     assert meta['data_meta']['vocab'] == ['a', 'b']
     torch.load(path, weights_only=True)  # no pickled objects in it
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        m = tiny('rope', dropout=0.0).train()
+        m.gradient_checkpointing = ckpt
+        idx = torch.randint(0, 37, (2, 12))
+        _, loss = m(idx, torch.roll(idx, -1, 1))
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert (grads[0] - grads[1]).abs().max() < 1e-6

@@ -1023,9 +1023,10 @@ def preference_batch(examples, device='cpu'):
 
 @torch.no_grad()
 def sample_replies(model, tokenizer, prompts, k=1, temperature=1.0, max_new_tokens=24, batch_size=256,
-                   generator=None, top_k=None):
+                   generator=None, top_k=None, return_finished=False):
     """k sampled assistant replies (text) to each prompt (a list of messages, or a string: one user turn),
-    batched with the KV cache and stopped at <|end|>. Returns one list of k replies per prompt."""
+    batched with the KV cache and stopped at <|end|>. Returns one list of k replies per prompt; with
+    return_finished, each reply is (text, finished): False if it ran out of tokens before <|end|>."""
     end = chat_ids(tokenizer)[2]
     was_training = model.training
     model.eval()
@@ -1035,7 +1036,8 @@ def sample_replies(model, tokenizer, prompts, k=1, temperature=1.0, max_new_toke
     for i in range(0, len(ids), batch_size):
         for row in model.generate(ids[i:i + batch_size], max_new_tokens, temperature=temperature, top_k=top_k,
                                   stop_token=end, generator=generator, vocab_limit=tokenizer.n_vocab):
-            out.append(tokenizer.decode(row))
+            text = tokenizer.decode(row)
+            out.append((text, len(row) < max_new_tokens) if return_finished else text)  # the stop token is not in row
     model.train(was_training)
     return [out[j * k:(j + 1) * k] for j in range(len(prompts))]
 

@@ -299,11 +299,13 @@ def dedupe(texts):
 
 
 def preference_pairs(task, replies, max_pairs, rng):
-    """Up to max_pairs (chosen, rejected) records: a distinct correct reply against a distinct incorrect
-    one. Empty replies are no use as a rejected example (nor valid preference data) and are left out."""
+    """Up to max_pairs (chosen, rejected) records from (text, finished) replies: a distinct correct reply
+    against a distinct incorrect one. Left out as rejected: empty replies (not valid preference data) and
+    unfinished ones, cut off before <|end|>: the model never produced them followed by <|end|>, as the pair
+    would show them, and pushing that down teaches the policy not to stop."""
     from model import check_answer
-    correct = dedupe(r for r in replies if check_answer(task, r))
-    wrong = dedupe(r for r in replies if r.strip() and not check_answer(task, r))
+    correct = dedupe(r for r, _ in replies if check_answer(task, r))
+    wrong = dedupe(r for r, finished in replies if finished and r.strip() and not check_answer(task, r))
     pairs = [(c, w) for c in correct for w in wrong]
     rng.shuffle(pairs)
     return [{'prompt': [{'role': 'user', 'content': task['prompt']}], 'chosen': c, 'rejected': w,
@@ -343,19 +345,20 @@ def prepare_prefs(data_dir, sft_dir, n_prompts, n_val_prompts, k, max_pairs, tem
         per_skill = -(-n // len(SKILLS))  # the same number of prompts for every skill
         tasks = [t for s in SKILLS for t in [t for t in pool if t['skill'] == s][:per_skill]]
         replies = sample_replies(model, tokenizer, [t['prompt'] for t in tasks], k, temperature,
-                                 generator=generator)
+                                 generator=generator, return_finished=True)
         records, stats[split] = [], {}
         for task, rs in zip(tasks, replies):
             pairs = preference_pairs(task, rs, max_pairs, rng)
             records += [check_preference(p) for p in pairs]  # every pair we write is valid by construction
-            s = stats[split].setdefault(task['skill'], dict(prompts=0, replies=0, correct=0, empty=0,
+            s = stats[split].setdefault(task['skill'], dict(prompts=0, replies=0, correct=0, empty=0, unfinished=0,
                                                             prompts_all_correct=0, prompts_none_correct=0,
                                                             prompts_with_pairs=0, pairs=0))
-            n_correct = sum(check_answer(task, r) for r in rs)
+            n_correct = sum(check_answer(task, r) for r, _ in rs)
             s['prompts'] += 1
             s['replies'] += len(rs)
             s['correct'] += n_correct
-            s['empty'] += sum(not r.strip() for r in rs)
+            s['empty'] += sum(not r.strip() for r, _ in rs)
+            s['unfinished'] += sum(not finished for _, finished in rs)
             s['prompts_all_correct'] += n_correct == len(rs)
             s['prompts_none_correct'] += n_correct == 0
             s['prompts_with_pairs'] += bool(pairs)

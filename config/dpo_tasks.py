@@ -1,0 +1,21 @@
+# DPO of the supervised model on pairs of its own replies, gold-labelled (on-policy preference data)
+#   python prepare.py prefs --sft_dir=out-sft
+#   python dpo.py config/dpo_tasks.py
+#   python dpo.py config/dpo_tasks.py --lora_rank=0 --learning_rate=1e-4 --out_dir=out-dpo-full
+init_from = 'out-sft'
+out_dir = 'out-dpo'
+data = 'prefs'
+loss_type = 'sigmoid'
+beta = 0.1
+lora_rank = 8
+lora_alpha = 16.0
+batch_size = 32
+max_iters = 200
+learning_rate = 5e-4
+warmup_iters = 10
+min_lr = 5e-5
+eval_interval = 50
+eval_pairs = 500
+eval_tasks = 250
+kl_prompts = 128
+log_interval = 10

@@ -1,0 +1,388 @@
+"""
+Direct Preference Optimization (Rafailov et al. 2023): learn from preference pairs with no reward model
+and no RL loop. The policy starts as the supervised model; the reference is the supervised model frozen.
+With h = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)), each log-probability
+summed over the reply's tokens only, the loss is
+
+    sigmoid (DPO):   -log sigmoid(beta * h)
+    label_smoothing: (1 - eps) * -log sigmoid(beta * h) + eps * -log sigmoid(-beta * h)   (conservative DPO)
+    ipo:             (h - 1 / (2 * beta))^2                                                 (Azar et al. 2023)
+    sft_weight:      plus sft_weight * the chosen reply's mean token NLL                    (RPO, Pang et al. 2024)
+
+beta * (log pi - log ref) of a reply is its "implicit reward"; small beta lets the policy move further
+from the reference.
+
+    python prepare.py prefs --sft_dir=out-sft      # pairs of the SFT model's own replies, gold-labelled
+    python dpo.py config/dpo_tasks.py              # LoRA: the reference is the same network, adapters off
+    python dpo.py config/dpo_tasks.py --lora_rank=0 --learning_rate=1e-5   # full: a frozen copy is the reference
+    python dpo.py --data=PATH_OR_URL/train.jsonl.gz --val_data=.../test.jsonl.gz   # HH-RLHF
+
+Logs loss, implicit-reward accuracy and margin, chosen and rejected rewards on held-out pairs, and an
+estimate of KL(policy || reference): the mean over replies sampled from the policy to held-out prompts of
+sum over their tokens of log pi - log ref. Gold accuracy per skill on val task prompts during training
+and on the test prompts before and after (model.gold_accuracy, as in fine-tuning). Writes out_dir/model.pt
+(merged: a plain GPT that sample.py and ppo.py load) and metrics.jsonl.
+"""
+import copy
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import (SKILLS, GPT, GPTConfig, apply_lora, chat_ids, clean_state_dict, encode_preferences, get_lr,
+                   gold_accuracy, load_tokenizer, lora_disabled, merge_lora, model_from_checkpoint, pad_batch,
+                   preference_batch, preference_splits, render_prompt, response_logprobs, save_checkpoint)
+
+# -----------------------------------------------------------------------------
+init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt)
+out_dir = 'out-dpo'
+data = 'prefs'               # 'prefs': data_dir/prefs/{train,val}.jsonl (prepare.py prefs); or a JSONL(.gz)
+                             # path or URL, {prompt, chosen, rejected} or HH-RLHF {chosen, rejected} transcripts
+val_data = ''                # held-out pairs for data other than 'prefs'; empty: val_fraction of data
+data_dir = 'data'
+val_fraction = 0.05
+# the objective
+loss_type = 'sigmoid'        # 'sigmoid' (DPO) or 'ipo'
+beta = 0.1
+label_smoothing = 0.0        # conservative DPO: the probability that a label is flipped (sigmoid loss only)
+sft_weight = 0.0             # > 0: plus this times the chosen reply's mean token NLL (RPO, Pang et al. 2024),
+                             # which keeps the chosen replies likely while the rejected ones are pushed down
+# LoRA: only adapters train and the reference is the same network with them switched off;
+# lora_rank = 0: every weight trains and a frozen copy is the reference
+lora_rank = 8
+lora_alpha = 16.0
+lora_dropout = 0.0           # dropout would make policy != reference at step 0
+lora_targets = 'attn,proj,mlp_in,mlp_out'
+# training
+batch_size = 32              # pairs per micro-batch
+gradient_accumulation_steps = 1
+max_iters = 200
+learning_rate = 5e-4
+decay_lr = True
+warmup_iters = 10
+min_lr = 5e-5
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0
+# evaluation
+eval_interval = 50
+eval_pairs = 500             # held-out pairs for loss / reward accuracy / margin (0: all)
+eval_tasks = 250             # val task prompts for gold accuracy during training (0 disables; needs data_dir/tasks)
+kl_prompts = 128             # held-out prompts whose sampled replies estimate KL to the reference
+log_interval = 10
+# system
+device = 'auto'
+dtype = 'auto'
+seed = 1337
+# -----------------------------------------------------------------------------
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type='sigmoid',
+             label_smoothing=0.0, sft_weight=0.0, chosen_tokens=None):
+    """Per-pair losses from summed reply log-probs (each (B,)), and the implicit rewards
+    beta * (log pi - log ref) of the chosen and the rejected replies (no gradient). With sft_weight, each
+    loss also gets sft_weight * -policy_chosen / chosen_tokens (the chosen reply's mean token NLL)."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss_type == 'sigmoid':
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == 'ipo':
+        losses = (h - 1 / (2 * beta)) ** 2  # regress the log-ratio gap onto a fixed target, 1 / (2 beta)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}: expected 'sigmoid' or 'ipo'")
+    if sft_weight:
+        losses = losses + sft_weight * -policy_chosen / chosen_tokens
+    return losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
+
+
+class ReplyLogprobs(nn.Module):
+    """forward(idx, mask): each row's log-probability summed over its reply tokens (mask True), as a module
+    so that DDP can wrap it."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, idx, mask):
+        return response_logprobs(self.gpt, idx, mask)
+
+
+@torch.no_grad()
+def reference_reply_logprobs(policy, ref_model, idx, mask):
+    """Summed reply log-probs under the frozen supervised model, never with a gradient: ref_model if there
+    is one (full training), else the policy with its LoRA adapters switched off."""
+    if ref_model is not None:
+        return response_logprobs(ref_model, idx, mask)
+    was_training = policy.training
+    policy.eval()
+    with lora_disabled(policy):
+        out = response_logprobs(policy, idx, mask)
+    policy.train(was_training)
+    return out
+
+
+def pair_stats(losses, chosen_rewards, rejected_rewards):
+    return dict(loss=losses.mean().item(), reward_accuracy=(chosen_rewards > rejected_rewards).float().mean().item(),
+                margin=(chosen_rewards - rejected_rewards).mean().item(), chosen_reward=chosen_rewards.mean().item(),
+                rejected_reward=rejected_rewards.mean().item())
+
+
+if __name__ == '__main__':
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from configurator import apply_config
+    config = apply_config(globals())
+
+    def fail(msg):
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(1)
+
+    # every check that needs no model comes first
+    targets = tuple(t for t in lora_targets.split(',') if t)
+    if loss_type not in ('sigmoid', 'ipo'):
+        fail(f"loss_type must be 'sigmoid' or 'ipo', got '{loss_type}'")
+    if beta <= 0 or not 0 <= label_smoothing < 0.5 or sft_weight < 0:
+        fail(f"need beta > 0, label_smoothing in [0, 0.5) and sft_weight >= 0; got beta={beta}, "
+             f"label_smoothing={label_smoothing}, sft_weight={sft_weight}")
+    if label_smoothing and loss_type != 'sigmoid':
+        fail("label_smoothing applies to the sigmoid loss only")
+    if lora_rank < 0 or batch_size < 1 or max_iters < 0:
+        fail("lora_rank must be >= 0, batch_size >= 1 and max_iters >= 0")
+    if lora_rank > 0 and (not targets or set(targets) - {'attn', 'proj', 'mlp_in', 'mlp_out'}):
+        fail(f"lora_targets must name some of attn, proj, mlp_in, mlp_out; got '{lora_targets}'")
+    sft_path = next((os.path.join(init_from, n) for n in ('model.pt', 'ckpt.pt')
+                     if os.path.exists(os.path.join(init_from, n))), None)
+    if sft_path is None:
+        fail(f"no model.pt or ckpt.pt in init_from='{init_from}': run finetune_lora.py first")
+    try:
+        train_prefs, val_prefs, report = preference_splits(data, data_dir, val_data, val_fraction, seed)
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        fail(str(e))
+
+    # -------------------------------------------------------------------------
+    # processes, devices, precision (as in finetune_lora.py)
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+    if ddp:
+        dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+        ddp_rank, ddp_world_size = dist.get_rank(), dist.get_world_size()
+        if device_type == 'cuda':
+            device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
+            torch.cuda.set_device(device)
+        if gradient_accumulation_steps % ddp_world_size:
+            fail(f"gradient_accumulation_steps must divide by the {ddp_world_size} processes")
+    else:
+        ddp_rank, ddp_world_size = 0, 1
+    master_process = ddp_rank == 0
+    accum_steps = gradient_accumulation_steps // ddp_world_size
+    if dtype == 'auto':
+        dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+    torch.manual_seed(seed)
+
+    # -------------------------------------------------------------------------
+    # policy and reference: both start as the supervised model
+    policy, sft_meta = model_from_checkpoint(sft_path, device)
+    data_meta = sft_meta['data_meta']
+    try:
+        tokenizer = load_tokenizer(data_meta)
+        end_token = chat_ids(tokenizer)[2]
+    except (ValueError, RuntimeError) as e:
+        fail(str(e))
+    block_size = policy.config.block_size
+    lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=list(targets)) if lora_rank else None
+    if lora:
+        apply_lora(policy, **lora)  # the base weights freeze; with the adapters off it is the reference
+        ref_model = None
+    else:
+        ref_model = copy.deepcopy(policy).eval()
+        for p in ref_model.parameters():
+            p.requires_grad = False
+
+    def reference_logprobs(idx, mask):
+        return reference_reply_logprobs(policy, ref_model, idx, mask)
+
+    n_params = sum(p.numel() for p in policy.parameters())
+    n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    train_data, truncated, dropped = encode_preferences(train_prefs, tokenizer, block_size)
+    val_pairs, val_truncated, val_dropped = encode_preferences(val_prefs, tokenizer, block_size)
+    if eval_pairs:
+        val_pairs = val_pairs[:eval_pairs]
+    if master_process:
+        print(f"{'LoRA r=' + str(lora_rank) if lora else 'full training'}: {n_trainable:,} trainable parameters "
+              f"of {n_params:,} ({100 * n_trainable / n_params:.2f}%); loss {loss_type}, beta {beta}"
+              + (f", label smoothing {label_smoothing}" if label_smoothing else '')
+              + (f", plus {sft_weight} x chosen NLL" if sft_weight else ''))
+        print(f"{len(train_data)} train and {len(val_pairs)} val pairs; {truncated + val_truncated} truncated to "
+              f"block_size {block_size}, {dropped + val_dropped} dropped (identical once truncated)")
+        for line in report:
+            print(line)
+    if not train_data or not val_pairs:
+        fail("no usable train or val pairs after tokenizing")
+
+    # task prompts for gold accuracy (the suite's val and test splits); preference data of other kinds
+    # has no gold checker, and then only the KL is measured, on the val pairs' prompts
+    def load_tasks(split):
+        path = os.path.join(data_dir, 'tasks', f'{split}.jsonl')
+        if not os.path.exists(path):
+            return []
+        with open(path, encoding='utf-8') as f:
+            return [json.loads(line) for line in f]
+    # the suite's files are grouped by skill: take the same number of each
+    pool = load_tasks('val') if eval_tasks else []
+    val_tasks = [t for s in SKILLS for t in [t for t in pool if t['skill'] == s][:eval_tasks // len(SKILLS)]]
+    test_tasks = load_tasks('test') if eval_tasks else []
+    kl_source = [[{'role': 'user', 'content': t['prompt']}] for t in val_tasks] or [p['prompt'] for p in val_prefs]
+    kl_set = [kl_source[i] for i in np.random.default_rng(seed).permutation(len(kl_source))[:kl_prompts]]
+
+    # -------------------------------------------------------------------------
+    model = ReplyLogprobs(policy)
+    optimizer = policy.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+    if ddp:
+        model = DDP(model, device_ids=[torch.device(device).index] if device_type == 'cuda' else None)
+
+    def log(record):
+        if master_process:
+            with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
+                f.write(json.dumps(record) + '\n')
+
+    @torch.no_grad()
+    def sampled_kl(prompts, max_new_tokens=24):
+        """Estimate KL(policy || reference) = E_{y ~ policy}[log pi(y) - log ref(y)]: one reply sampled at
+        temperature 1 per prompt, log-ratio summed over its tokens (with <|end|> when it stopped)."""
+        policy.eval()
+        seqs, masks = [], []
+        gen = torch.Generator(device).manual_seed(seed)
+        for i in range(0, len(prompts), 64):
+            ids = [render_prompt(p, tokenizer)[-(block_size // 2):] for p in prompts[i:i + 64]]
+            for p, row in zip(ids, policy.generate(ids, max_new_tokens, temperature=1.0, stop_token=end_token,
+                                                   generator=gen, vocab_limit=tokenizer.n_vocab)):
+                reply = (row + [end_token] if len(row) < max_new_tokens else row)[:block_size - len(p)]
+                seqs.append(p + reply)
+                masks.append([False] * len(p) + [True] * len(reply))
+        kl = []
+        for i in range(0, len(seqs), 64):
+            idx, mask = pad_batch(seqs[i:i + 64], 0, device), pad_batch(masks[i:i + 64], 0, device).bool()
+            with ctx:
+                kl.append(response_logprobs(policy, idx, mask) - reference_logprobs(idx, mask))
+        policy.train()
+        return torch.cat(kl).mean().item()
+
+    @torch.no_grad()
+    def evaluate(tag, tasks, test=False):
+        """Held-out pairs (loss, implicit-reward accuracy, margin, chosen / rejected rewards), the sampled
+        KL to the reference, gold accuracy per skill on val prompts and, with test=True, test prompts."""
+        policy.eval()
+        stats = []
+        for i in range(0, len(val_pairs), 64):
+            idx, mask, _ = preference_batch(val_pairs[i:i + 64], device)
+            with ctx:
+                pc, pr = response_logprobs(policy, idx, mask).float().view(2, -1)
+                rc, rr = reference_logprobs(idx, mask).float().view(2, -1)
+            n_chosen = mask[:, 1:].sum(1).view(2, -1)[0]
+            stats.append(torch.stack(dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing, sft_weight, n_chosen)))
+        result = {'val_' + k: v for k, v in pair_stats(*torch.cat(stats, dim=1)).items()}
+        result['kl'] = sampled_kl(kl_set) if kl_set else None
+        text = f"val loss {result['val_loss']:.4f}, reward accuracy {result['val_reward_accuracy']:.1%}, " \
+               f"margin {result['val_margin']:.3f} (chosen {result['val_chosen_reward']:.3f}, rejected " \
+               f"{result['val_rejected_reward']:.3f})" + (f", KL {result['kl']:.3f}" if kl_set else '')
+        if tasks:
+            result['accuracy'], replies = gold_accuracy(policy, tokenizer, tasks)
+            result['example'] = {'prompt': tasks[0]['prompt'], 'reply': replies[0]}
+            text += '; gold accuracy: ' + ', '.join(f"{k} {v:.0%}" for k, v in result['accuracy'].items())
+        if test and test_tasks:
+            result['test_accuracy'], _ = gold_accuracy(policy, tokenizer, test_tasks)
+            text += '; test: ' + ', '.join(f"{k} {v:.0%}" for k, v in result['test_accuracy'].items())
+        policy.train()
+        print(f"[{tag}] {text}")
+        log({'iter': iter_num, 'eval': tag, **result})
+        return result
+
+    def save():
+        """model.pt: the policy with its adapters merged, a plain GPT."""
+        sd = clean_state_dict(policy.state_dict())
+        merged = GPT(GPTConfig(**policy.config.__dict__))
+        if lora:
+            apply_lora(merged, **lora)
+        merged.load_state_dict(sd)
+        if lora:
+            merge_lora(merged)
+        save_checkpoint(os.path.join(out_dir, 'model.pt'), {'model': merged.state_dict()},
+                        dict(model_args=merged.config.__dict__, data_meta=data_meta, dpo=config, lora=None,
+                             iter_num=iter_num, base=dict(init_from=sft_path, **{k: v for k, v in sft_meta.items()
+                                                                                if k not in ('model_args', 'data_meta')})))
+
+    # -------------------------------------------------------------------------
+    if master_process:
+        os.makedirs(out_dir, exist_ok=True)
+    iter_num = 0
+    before = after = evaluate('sft', val_tasks, test=True) if master_process else {}
+    t0 = t_log = time.time()
+    sums = torch.zeros(5, device=device)  # loss, reward accuracy, margin, chosen and rejected reward
+    policy.train()
+    while iter_num < max_iters:
+        lr = get_lr(iter_num, learning_rate, warmup_iters, max_iters, min_lr) if decay_lr else learning_rate
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        for micro_step in range(accum_steps):
+            rng = np.random.default_rng([seed, iter_num, ddp_rank * accum_steps + micro_step])
+            idx, mask, _ = preference_batch([train_data[i] for i in rng.integers(0, len(train_data), batch_size)],
+                                            device)
+            if ddp:
+                model.require_backward_grad_sync = (micro_step == accum_steps - 1)
+            with ctx:
+                ref_c, ref_r = reference_logprobs(idx, mask).float().view(2, -1)
+                pol_c, pol_r = model(idx, mask).float().view(2, -1)  # chosen rows first, then rejected
+                n_chosen = mask[:, 1:].sum(1).view(2, -1)[0]  # reply tokens of each chosen row
+                losses, chosen_rewards, rejected_rewards = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, loss_type,
+                                                                    label_smoothing, sft_weight, n_chosen)
+                loss = losses.mean() / accum_steps
+            s = pair_stats(losses.detach(), chosen_rewards, rejected_rewards)
+            sums += torch.tensor(list(s.values()), device=device) / accum_steps
+            scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        if iter_num % log_interval == 0 or iter_num == max_iters:
+            if ddp:
+                dist.all_reduce(sums)
+                sums /= ddp_world_size
+            n = log_interval if iter_num % log_interval == 0 else iter_num % log_interval
+            loss_f, acc, margin, rc, rr = (sums / n).tolist()
+            if not math.isfinite(loss_f):
+                fail(f"loss is NaN or inf at iteration {iter_num}")
+            if master_process:
+                print(f"iter {iter_num}: loss {loss_f:.4f}, reward accuracy {acc:.1%}, margin {margin:.3f} "
+                      f"(chosen {rc:.3f}, rejected {rr:.3f}), lr {lr:.2e}, {(time.time() - t_log) / n * 1000:.0f} ms/iter")
+                log({'iter': iter_num, 'loss': loss_f, 'reward_accuracy': acc, 'margin': margin,
+                     'chosen_reward': rc, 'rejected_reward': rr, 'lr': lr})
+            sums.zero_()
+            t_log = time.time()
+        if (iter_num % eval_interval == 0 or iter_num == max_iters) and master_process:
+            after = evaluate(f'iter {iter_num}', val_tasks, test=iter_num == max_iters)
+            save()
+    if master_process:
+        if max_iters == 0:
+            save()
+        elapsed = time.time() - t0
+        print(f"trained {iter_num} iterations in {elapsed:.1f} s; policy in {os.path.join(out_dir, 'model.pt')}")
+        log({'summary': dict(mode='lora' if lora else 'full', trainable_params=n_trainable, total_params=n_params,
+                             train_seconds=elapsed, train_pairs=len(train_data), val_pairs=len(val_pairs)),
+             'before': before, 'after': after})
+    if ddp:
+        dist.destroy_process_group()

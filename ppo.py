@@ -1,0 +1,762 @@
+"""
+RLHF with PPO (Schulman et al. 2017) and a KL penalty, as in Ziegler et al. 2019 and InstructGPT
+(Ouyang et al. 2022). Each iteration:
+
+  1. rollouts: the policy (it starts as the supervised model) samples a reply to each of a batch of prompts
+     (temperature 1, KV cache, stop at <|end|>);
+  2. reward: the reward model scores each whole reply (reward.py), or with reward='gold' the task suite's
+     checker does (1 if correct, else 0). Every reply token t also gets -beta * (log pi(y_t) - log ref(y_t)):
+     the KL penalty that keeps the policy near the frozen supervised model ("ref"), whose text the reward
+     model was trained on. Summed over a reply it is -beta times an estimate of KL(pi || ref);
+  3. advantages: a value model predicts the return from each position, GAE (gamma, lambda) turns rewards
+     and values into advantages, which are whitened;
+  4. PPO: several epochs of minibatches over the rollouts, each step the clipped surrogate objective for the
+     policy and a clipped regression for the value model, with gradient clipping.
+
+beta is fixed (kl_target = 0) or steered by Ziegler et al.'s adaptive controller towards kl_target nats per
+reply. With LoRA the reference is the policy with its adapters switched off (model.lora_disabled, no second
+copy); with lora_rank = 0 every weight trains and a frozen copy is the reference.
+
+The value model is a separate network: a GPT trunk with a scalar head at every position, initialised from
+the reward model (as InstructGPT did; with reward='gold', from the supervised model with a zero head). Why
+not a head on the policy's trunk (cheaper: one forward pass for both)? Then the value loss's gradients would
+move the policy too (with LoRA: its adapters), so the KL to the reference would no longer measure only what
+the reward did, and the two losses would need weighting against each other; Ziegler et al. also found
+separate networks more stable. The reward model's trunk already reads "how good is this reply", so the
+critic starts out useful. The price is a second forward and backward pass per minibatch.
+
+    python prepare.py prefs --sft_dir=out-sft && python reward.py config/reward_tasks.py   # the reward model
+    python ppo.py config/ppo_tasks.py                                  # learned reward, adaptive KL
+    python ppo.py config/ppo_tasks.py --kl_coef=0 --kl_target=0 --out_dir=out-ppo-beta0   # no KL penalty
+    python ppo.py config/ppo_tasks.py --reward=gold --out_dir=out-ppo-gold                # the checker
+    python ppo.py --compare=out-ppo,out-ppo-beta0        # a table of finished runs (and a plot, if matplotlib)
+
+Logs per iteration (metrics.jsonl): mean score of the rollouts (the reward model's, or gold), their gold
+accuracy, KL to the reference, beta, PPO's clip fraction, the approximate KL between the policy before and
+after the update, entropy, value loss and explained variance. Gold accuracy per skill on held-out prompts
+(greedy) before, during and after. Writes out_dir/ckpt.pt (the training state, --init_from=resume; sample.py
+loads it) and out_dir/model.pt (the policy with adapters merged: a plain GPT).
+"""
+import copy
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import (GPT, GPTConfig, apply_lora, chat_ids, check_answer, clean_state_dict, gold_accuracy,
+                   load_checkpoint, load_tokenizer, lora_disabled, merge_lora, model_from_checkpoint, pad_batch,
+                   render_prompt, save_checkpoint)
+
+# -----------------------------------------------------------------------------
+init_from = 'out-sft'        # the supervised model (a fine-tuning out_dir: model.pt), or 'resume' (out_dir/ckpt.pt)
+out_dir = 'out-ppo'
+reward = 'model'             # 'model': reward_model's score of the reply; 'gold': 1 if the checker accepts it, else 0
+reward_model = 'out-reward'  # reward.py's out_dir (reward.pt) or the file itself
+reward_norm = True           # standardise the reward model's scores with the mean / std reward.py measured
+prompts = 'tasks'            # 'tasks': data_dir/tasks/train.jsonl; or a JSONL file, one {"prompt": str or
+                             # [messages], "answer": str (optional; needed for gold), "skill": str} per line
+data_dir = 'data'
+# rollouts
+batch_size = 64              # rollouts (prompts, one reply each) per iteration, per process
+max_new_tokens = 16          # a reply that has not said <|end|> by then is cut (and scored as it is)
+# the KL penalty
+kl_coef = 0.05               # beta (its start value with the adaptive controller); 0: no penalty
+kl_target = 0.0              # > 0: adapt beta so that the KL (nats per reply) approaches this
+kl_horizon = 2000            # the controller's horizon, in rollouts: how fast beta moves
+# PPO
+ppo_epochs = 4               # passes over each rollout batch
+minibatch_size = 16
+clip_range = 0.2             # epsilon: the ratio pi_new / pi_old is clipped to [1 - eps, 1 + eps]
+clip_range_value = 0.2       # the value prediction may move at most this far from the rollout's
+gamma = 1.0                  # discount (1: a reply is short and only its end matters)
+lam = 0.95                   # GAE's lambda: 0 is one-step TD (low variance, biased), 1 is Monte Carlo
+whiten_advantages = True
+ent_coef = 0.0               # entropy bonus
+# optimisation: the policy (LoRA, or every weight with lora_rank = 0) and the value model (every weight)
+lora_rank = 8
+lora_alpha = 16.0
+lora_dropout = 0.0           # dropout would make the policy differ from the reference at step 0
+lora_targets = 'attn,proj,mlp_in,mlp_out'
+learning_rate = 3e-4
+value_learning_rate = 1e-4
+max_iters = 100
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+# evaluation
+eval_interval = 25
+eval_tasks = 250             # val task prompts for gold accuracy during training (0 disables); test at the ends
+log_interval = 1
+# comparing finished runs instead of training
+compare = ''                 # comma-separated out_dirs: print a table of their results, plot if matplotlib
+compare_plot = 'ppo_compare.png'
+# system
+device = 'auto'
+dtype = 'auto'
+seed = 1337
+# -----------------------------------------------------------------------------
+
+
+# -----------------------------------------------------------------------------
+# The PPO arithmetic. Tensors are (B, T-1), position t holding the action idx[:, t+1] (a reply token) chosen
+# after seeing idx[:, :t+1]; mask is True at the reply's positions (prompt and padding are False).
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the masked entries; zero elsewhere."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def kl_penalty(logprobs, ref_logprobs, kl_coef):
+    """The per-token reward -beta * (log pi - log ref): negative where the policy makes a token more likely
+    than the supervised model did. Its expectation over the policy's samples, summed over a reply, is
+    -beta * KL(pi || ref)."""
+    return -kl_coef * (logprobs - ref_logprobs)
+
+
+def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+    """Per-token rewards: the KL penalty on every reply token, plus the reply's score on its last token."""
+    rewards = kl_penalty(logprobs, ref_logprobs, kl_coef) * mask
+    last = mask.size(1) - 1 - mask.flip(1).float().argmax(dim=1)  # each row's last True position
+    rewards[torch.arange(mask.size(0), device=mask.device), last] += scores.to(rewards.dtype)
+    return rewards
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation (Schulman et al. 2016) over right-padded rows:
+        delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = sum_k (gamma * lam)^k delta_{t+k},
+    the reply ending after its last token (V = 0 beyond it). Returns (advantages, returns = A + V), zero off
+    the mask. Zeroing rewards and values off the mask makes padding contribute nothing, and prompt positions
+    come before the reply, so they never reach it (the sum only looks ahead)."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    T = rewards.size(1)
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages * mask, (advantages + values) * mask
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
+    """PPO's clipped surrogate, to minimise: mean over reply tokens of max(-A r, -A clip(r, 1-eps, 1+eps)),
+    r = pi_new / pi_old. Once r has moved eps in the direction the advantage favours, the gradient stops:
+    the policy cannot go far from the one that sampled the data in one batch. Also returns the fraction
+    of tokens where the clipped term was chosen and an estimate of KL(old || new), E[(r - 1) - log r]."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    clip_frac = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
+    return loss, clip_frac.detach(), approx_kl.detach()
+
+
+def value_loss(values, old_values, returns, mask, clip_range_value):
+    """0.5 * mean of max((V - R)^2, (V_clipped - R)^2), V_clipped = V_old + clip(V - V_old, -c, c): as for the
+    policy, the value prediction is kept near the one made at rollout time. Also the clipped fraction."""
+    v_clipped = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
+    err, err_clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(err, err_clipped), mask)
+    return loss, masked_mean((err_clipped > err).float(), mask).detach()
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(R - V) / Var(R) over the reply tokens: 1 is a perfect critic, 0 no better than a constant."""
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    var_d = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return (1 - var_d / var_r).item() if var_r > 0 else float('nan')
+
+
+class KLController:
+    """beta for the KL penalty. target = 0: fixed. Otherwise Ziegler et al. 2019's adaptive controller:
+        e = clip(KL / target - 1, -0.2, 0.2),   beta <- beta * (1 + e * n / horizon)
+    after each batch of n rollouts: beta grows while the KL is above target and shrinks while below."""
+
+    def __init__(self, init, target=0.0, horizon=10000):
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl, n_steps):
+        if self.target > 0:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.value *= 1 + error * n_steps / self.horizon
+        return self.value
+
+
+# -----------------------------------------------------------------------------
+# The models
+
+def logprobs_and_entropy(model, idx, vocab_limit=None):
+    """log pi(idx[:, t+1] | idx[:, :t+1]) and the entropy of pi(. | idx[:, :t+1]) for every t: (B, T-1) each.
+    vocab_limit: the distribution over the first vocab_limit tokens only, the one sampling draws from."""
+    logits = model.lm_head(model.hidden_states(idx[:, :-1])).float()
+    if vocab_limit is not None:
+        logits = logits[..., :vocab_limit]
+    logp_all = F.log_softmax(logits, dim=-1)
+    logprobs = torch.gather(logp_all, 2, idx[:, 1:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+    return logprobs, entropy
+
+
+class PolicyLogprobs(nn.Module):
+    """logprobs_and_entropy as a module, so that DDP can wrap it."""
+
+    def __init__(self, gpt, vocab_limit=None):
+        super().__init__()
+        self.gpt, self.vocab_limit = gpt, vocab_limit
+
+    def forward(self, idx):
+        return logprobs_and_entropy(self.gpt, idx, self.vocab_limit)
+
+
+class ValueModel(nn.Module):
+    """The critic: a GPT trunk and a scalar head at every position, V(prompt + reply so far). Its parameters
+    are named as reward.RewardModel's, so it loads a reward model's weights as they are."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+        self.head = nn.Linear(gpt.config.n_embd, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx):
+        return self.head(self.gpt.hidden_states(idx)).squeeze(-1).float()
+
+
+@torch.no_grad()
+def reference_logprobs(policy, ref_model, idx, vocab_limit=None):
+    """Log-probs under the frozen supervised model: ref_model if there is one (full training), else the
+    policy with its LoRA adapters switched off."""
+    if ref_model is not None:
+        return logprobs_and_entropy(ref_model, idx, vocab_limit)[0]
+    with lora_disabled(policy):
+        return logprobs_and_entropy(policy, idx, vocab_limit)[0]
+
+
+@torch.no_grad()
+def rollout(policy, prompts, max_new_tokens, end_token, generator=None, vocab_limit=None):
+    """One reply per prompt (lists of token ids) sampled at temperature 1 with the KV cache, stopping at
+    end_token; the batch PPO trains on:
+      idx (B, T): prompt + reply (+ end_token if it stopped), right-padded with 0
+      mask (B, T-1): True at t where idx[:, t+1] is a reply token: the actions
+      logprobs, entropy (B, T-1): of the policy that sampled them (one forward pass over idx)
+      replies: the reply tokens without end_token; ended: whether each reply stopped by itself."""
+    was_training = policy.training
+    policy.eval()
+    device = policy.lm_head.weight.device
+    replies = policy.generate(prompts, max_new_tokens, temperature=1.0, stop_token=end_token,
+                              generator=generator, vocab_limit=vocab_limit)
+    seqs, masks, ended = [], [], []
+    for p, r in zip(prompts, replies):
+        stopped = len(r) < max_new_tokens  # generate drops the stop token itself
+        actions = r + [end_token] if stopped else r
+        seqs.append(list(p) + actions)
+        masks.append([False] * (len(p) - 1) + [True] * len(actions))
+        ended.append(stopped)
+    idx = pad_batch(seqs, 0, device)
+    mask = pad_batch(masks, 0, device).bool()
+    logprobs, entropy = logprobs_and_entropy(policy, idx, vocab_limit)
+    policy.train(was_training)
+    return dict(idx=idx, mask=mask, logprobs=logprobs, entropy=entropy, replies=replies, ended=ended,
+                lengths=[len(s) for s in seqs])
+
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+def load_prompt_file(path):
+    """Records {'prompt': [messages], 'answer'?: str, 'skill'?: str} from a JSONL file; a line may also be a
+    plain JSON string (the prompt). Raises ValueError naming the first bad line."""
+    records = []
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: not JSON ({e.msg})") from None
+            if isinstance(r, str):
+                r = {'prompt': r}
+            if not isinstance(r, dict) or 'prompt' not in r:
+                raise ValueError(f"{path} line {n}: expected a string or an object with a 'prompt'")
+            p = r['prompt']
+            if isinstance(p, str):
+                p = [{'role': 'user', 'content': p}]
+            if not (isinstance(p, list) and p and all(isinstance(m, dict) and m.get('role') in ('user', 'assistant')
+                                                      and isinstance(m.get('content'), str) for m in p)
+                    and p[-1]['role'] == 'user' and any(m['content'].strip() for m in p)):
+                raise ValueError(f"{path} line {n}: the prompt must be a non-empty string or a list of messages "
+                                 f"ending with a user turn")
+            if 'answer' in r and not isinstance(r['answer'], str):
+                raise ValueError(f"{path} line {n}: answer is not a string")
+            records.append({**r, 'prompt': p})
+    if not records:
+        raise ValueError(f"{path}: no prompts")
+    return records
+
+
+# -----------------------------------------------------------------------------
+# Comparing finished runs: a table (and a plot)
+
+def read_run(out_dir):
+    with open(os.path.join(out_dir, 'metrics.jsonl'), encoding='utf-8') as f:
+        records = [json.loads(line) for line in f]
+    iters = [r for r in records if 'kl' in r and 'eval' not in r and 'summary' not in r]
+    evals = [r for r in records if 'eval' in r]
+    summary = next((r for r in reversed(records) if 'summary' in r), None)
+    return iters, evals, summary
+
+
+def compare_runs(out_dirs, plot_path=None, smooth=5):
+    """A Markdown table of finished runs: the supervised model (the first run's starting point) and each run's
+    end; rollout columns average the first and the last 5 iterations (single batches are noisy). Plots, if
+    matplotlib imports, the rollouts' score, gold accuracy and KL (moving averages of `smooth` iterations)
+    and the held-out gold accuracy at each evaluation to plot_path."""
+    def avg(key, recs):
+        vals = [r[key] for r in recs if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    def fmt(x, spec):
+        return '-' if x is None else format(x, spec)
+
+    head = ["run", "reward", "beta (start -> end)", "KL target", "iters", "rollout score (first 5 -> last 5)",
+            "rollout gold acc", "KL to SFT (last 5)", "val acc (greedy)", "test acc (greedy)",
+            "val reward-model score (greedy)", "train s"]
+    rows = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    runs = {}
+    for d in out_dirs:
+        iters, evals, summary = read_run(d)
+        if not iters or summary is None:
+            raise ValueError(f"{d}: not a finished ppo.py run (no per-iteration records or no summary)")
+        runs[d] = (iters, [e for e in evals if 'accuracy' in e])
+        cfg, before, after = summary['summary']['config'], summary['before'], summary['after']
+        if d == out_dirs[0]:
+            rows.append(f"| SFT (start of {d}) | - | - | - | 0 | {fmt(avg('score', iters[:1]), '.3f')} | "
+                        f"{fmt(avg('gold_accuracy', iters[:1]), '.1%')} | 0 | "
+                        f"{fmt(before.get('accuracy', {}).get('all'), '.1%')} | "
+                        f"{fmt(before.get('test_accuracy', {}).get('all'), '.1%')} | {fmt(before.get('score'), '.3f')} | - |")
+        rows.append(f"| {d} | {cfg['reward']} | {cfg['kl_coef']:.3g} -> {iters[-1]['kl_coef']:.3g} | "
+                    f"{cfg['kl_target'] or '-'} | {iters[-1]['iter']} | {fmt(avg('score', iters[:5]), '.3f')} -> "
+                    f"{fmt(avg('score', iters[-5:]), '.3f')} | {fmt(avg('gold_accuracy', iters[:5]), '.1%')} -> "
+                    f"{fmt(avg('gold_accuracy', iters[-5:]), '.1%')} | {fmt(avg('kl', iters[-5:]), '.2f')} | "
+                    f"{fmt(after.get('accuracy', {}).get('all'), '.1%')} | "
+                    f"{fmt(after.get('test_accuracy', {}).get('all'), '.1%')} | {fmt(after.get('score'), '.3f')} | "
+                    f"{summary['summary']['train_seconds']:.0f} |")
+    table = '\n'.join(rows)
+    if not plot_path:
+        return table, False
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return table, False
+    keys = [('score', 'rollout score (the reward used)'), ('gold_accuracy', 'rollout gold accuracy (sampled)'),
+            ('kl', 'KL(policy || SFT), nats per reply')]
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4.5 * (len(keys) + 1), 3.6))
+    for ax, (key, title) in zip(axes, keys):
+        for d, (iters, _) in runs.items():
+            pts = [(r['iter'], r[key]) for r in iters if r.get(key) is not None]
+            ys = [sum(y for _, y in pts[max(0, i - smooth + 1):i + 1]) / len(pts[max(0, i - smooth + 1):i + 1])
+                  for i in range(len(pts))]
+            ax.plot([x for x, _ in pts], ys, label=d)
+        ax.set_title(title + (f', mean of {smooth}' if smooth > 1 else ''), fontsize=9)
+        ax.set_xlabel('iteration')
+    for d, (_, evals) in runs.items():
+        axes[-1].plot([e['iter'] for e in evals], [e['accuracy']['all'] for e in evals], marker='o', label=d)
+    axes[-1].set_title('held-out gold accuracy (greedy, val)', fontsize=9)
+    axes[-1].set_xlabel('iteration')
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plot_path, dpi=120)
+    return table, True
+
+
+# -----------------------------------------------------------------------------
+if __name__ == '__main__':
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from configurator import apply_config
+    config = apply_config(globals())
+
+    def fail(msg):
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(1)
+
+    if compare:
+        try:
+            table, plotted = compare_runs([d for d in compare.split(',') if d], compare_plot)
+        except (OSError, ValueError, KeyError) as e:
+            fail(f"cannot compare {compare}: {e}")
+        print(table)
+        print(f"plot: {compare_plot}" if plotted else "matplotlib is not installed: no plot")
+        sys.exit(0)
+
+    # every check that needs no model comes first
+    targets = tuple(t for t in lora_targets.split(',') if t)
+    if reward not in ('model', 'gold'):
+        fail(f"reward must be 'model' or 'gold', got '{reward}'")
+    if kl_coef < 0 or kl_target < 0 or kl_horizon <= 0:
+        fail(f"need kl_coef >= 0, kl_target >= 0 and kl_horizon > 0; got {kl_coef}, {kl_target}, {kl_horizon}")
+    if kl_target > 0 and kl_coef == 0:
+        fail("the adaptive controller multiplies beta: with kl_target > 0 start from kl_coef > 0")
+    if batch_size < 1 or minibatch_size < 1 or batch_size % minibatch_size:
+        fail(f"minibatch_size must divide batch_size; got {minibatch_size} and {batch_size}")
+    if ppo_epochs < 1 or max_iters < 0 or max_new_tokens < 1 or not 0 < clip_range < 1 or clip_range_value <= 0:
+        fail("need ppo_epochs >= 1, max_iters >= 0, max_new_tokens >= 1, 0 < clip_range < 1, clip_range_value > 0")
+    if not (0 <= gamma <= 1 and 0 <= lam <= 1):
+        fail(f"gamma and lam must be in [0, 1]; got {gamma} and {lam}")
+    if lora_rank < 0 or (lora_rank > 0 and (not targets or set(targets) - {'attn', 'proj', 'mlp_in', 'mlp_out'})):
+        fail(f"lora_rank must be >= 0 and lora_targets name some of attn, proj, mlp_in, mlp_out; got "
+             f"{lora_rank}, '{lora_targets}'")
+    resume = init_from == 'resume'
+    ckpt = None
+    if resume:
+        if not os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
+            fail(f"init_from='resume' but there is no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}")
+        ckpt, ckpt_meta = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+        sft_path = ckpt_meta['sft_path']
+        if not os.path.exists(sft_path):
+            fail(f"the supervised model {sft_path} this run started from is gone: it is the reference")
+    else:
+        sft_path = next((os.path.join(init_from, n) for n in ('model.pt', 'ckpt.pt')
+                         if os.path.exists(os.path.join(init_from, n))), None)
+        if sft_path is None:
+            fail(f"no model.pt or ckpt.pt in init_from='{init_from}': run finetune_lora.py first")
+    rm_path = None
+    if reward == 'model':
+        rm_path = os.path.join(reward_model, 'reward.pt') if os.path.isdir(reward_model) else reward_model
+        if not os.path.isfile(rm_path):
+            fail(f"no reward model at {rm_path}: run reward.py first, or use --reward=gold")
+    try:
+        if prompts == 'tasks':
+            path = os.path.join(data_dir, 'tasks', 'train.jsonl')
+            if not os.path.exists(path):
+                raise ValueError(f"no task prompts at {path}: run python prepare.py tasks")
+            with open(path, encoding='utf-8') as f:
+                train_records = [json.loads(line) for line in f]
+            for r in train_records:
+                r['prompt'] = [{'role': 'user', 'content': r['prompt']}]
+        elif os.path.isfile(prompts):
+            train_records = load_prompt_file(prompts)
+        else:
+            raise ValueError(f"prompts must be 'tasks' or a JSONL file; {prompts} not found")
+    except ValueError as e:
+        fail(str(e))
+    has_answers = all(isinstance(r.get('answer'), str) for r in train_records)
+    if reward == 'gold' and not has_answers:
+        fail("reward='gold' needs an 'answer' for every prompt")
+
+    # -------------------------------------------------------------------------
+    # processes, devices, precision (as in finetune_lora.py)
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+    if ddp:
+        dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+        ddp_rank, ddp_world_size = dist.get_rank(), dist.get_world_size()
+        if device_type == 'cuda':
+            device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
+            torch.cuda.set_device(device)
+    else:
+        ddp_rank, ddp_world_size = 0, 1
+    master_process = ddp_rank == 0
+    if dtype == 'auto':
+        dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(seed)
+
+    # -------------------------------------------------------------------------
+    # the policy and the reference: both start as the supervised model
+    policy, sft_meta = model_from_checkpoint(sft_path, device)
+    data_meta = sft_meta['data_meta']
+    try:
+        tokenizer = load_tokenizer(data_meta)
+        end_token = chat_ids(tokenizer)[2]
+    except (ValueError, RuntimeError) as e:
+        fail(str(e))
+    block_size = policy.config.block_size
+    if max_new_tokens + 2 > block_size:
+        fail(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in block_size {block_size}")
+    vocab_limit = min(tokenizer.n_vocab, policy.config.vocab_size)  # never sample a padded vocabulary row
+    lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=list(targets)) if lora_rank else None
+    if lora:
+        apply_lora(policy, **lora)  # freezes the supervised weights: with the adapters off it is the reference
+        ref_model = None
+    else:
+        ref_model = copy.deepcopy(policy).eval()
+        for p in ref_model.parameters():
+            p.requires_grad = False
+
+    # the reward model (frozen) and the value model (initialised from it: InstructGPT)
+    rm, rm_meta, rm_mean, rm_std = None, None, 0.0, 1.0
+    if reward == 'model':
+        from reward import load_reward_model, score_ids
+        rm, rm_meta = load_reward_model(rm_path, device)
+        if rm_meta['data_meta'] != data_meta:
+            fail(f"the reward model {rm_path} uses a different tokenizer than the policy {sft_path}")
+        for p in rm.parameters():
+            p.requires_grad = False
+        if reward_norm and rm_meta.get('reward_mean') is not None and rm_meta.get('reward_std'):
+            rm_mean, rm_std = rm_meta['reward_mean'], rm_meta['reward_std']
+        value_model = ValueModel(GPT(GPTConfig(**rm_meta['model_args'])))
+        value_model.load_state_dict(rm.state_dict())
+        if reward_norm:  # the critic predicts normalised scores: rescale its head the same way
+            with torch.no_grad():
+                value_model.head.weight /= rm_std
+                value_model.head.bias.sub_(rm_mean).div_(rm_std)
+    else:
+        value_model = ValueModel(model_from_checkpoint(sft_path, device)[0])
+    value_model.to(device)
+
+    # the policy's distribution is over the tokens sampling may draw, everywhere: ratio, KL and entropy
+    policy_module = PolicyLogprobs(policy, vocab_limit)
+
+    def score_rollouts(batch_prompts, ro):
+        """The reward model's (normalised) score of each whole reply, read at its <|end|>, and whether the
+        gold checker accepts it (None where a prompt has no answer)."""
+        texts = [tokenizer.decode(r) for r in ro['replies']]
+        gold = [check_answer(rec, t) if isinstance(rec.get('answer'), str) else None
+                for rec, t in zip(batch_prompts, texts)]
+        rm_scores = None
+        if rm is not None:
+            seqs = [ro['idx'][i, :n].tolist() for i, n in enumerate(ro['lengths'])]
+            seqs = [s if ended else s + [end_token] for s, ended in zip(seqs, ro['ended'])]  # as reward.py scores
+            with ctx:
+                rm_scores = (score_ids(rm, seqs) - rm_mean) / rm_std
+        return texts, gold, rm_scores
+
+    # prompts: train records for rollouts; held-out task prompts (val during training, test at the ends)
+    def encode_prompt(messages):
+        return render_prompt(messages, tokenizer)[-(block_size - max_new_tokens - 1):]
+
+    def load_tasks(split):
+        path = os.path.join(data_dir, 'tasks', f'{split}.jsonl')
+        if not os.path.exists(path):
+            return []
+        with open(path, encoding='utf-8') as f:
+            return [json.loads(line) for line in f]
+    # a seeded sample of the val split (its file is ordered by skill, so the first N would be one skill)
+    val_tasks = load_tasks('val')
+    val_tasks = [val_tasks[i] for i in sorted(np.random.default_rng(seed).permutation(len(val_tasks))[:eval_tasks])]
+    test_tasks = load_tasks('test') if eval_tasks else []
+
+    # -------------------------------------------------------------------------
+    policy_optimizer = policy.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+    value_optimizer = GPT.configure_optimizers(value_model, weight_decay, value_learning_rate, (beta1, beta2),
+                                               device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+    kl_ctl = KLController(kl_coef, kl_target, kl_horizon)
+    iter_num = 0
+    if ckpt is not None:
+        policy.load_state_dict(clean_state_dict(ckpt['model']))
+        value_model.load_state_dict(clean_state_dict(ckpt['value_model']))
+        policy_optimizer.load_state_dict(ckpt['optimizer'])
+        value_optimizer.load_state_dict(ckpt['value_optimizer'])
+        iter_num, kl_ctl.value = ckpt_meta['iter_num'], ckpt_meta['kl_coef']
+        ckpt = None
+    n_params = sum(p.numel() for p in policy.parameters())
+    n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    policy_ddp, value_ddp = policy_module, value_model
+    if ddp:
+        ids = [torch.device(device).index] if device_type == 'cuda' else None
+        policy_ddp, value_ddp = DDP(policy_module, device_ids=ids), DDP(value_model, device_ids=ids)
+    if master_process:
+        print(f"policy: {'LoRA r=' + str(lora_rank) if lora else 'full training'}, {n_trainable:,} trainable "
+              f"parameters of {n_params:,}; value model: {sum(p.numel() for p in value_model.parameters()):,} "
+              f"parameters, from {'the reward model' if rm else 'the supervised model'}")
+        print(f"reward: {'reward model ' + rm_path if rm else 'gold checker'}"
+              + (f" (scores standardised: mean {rm_mean:.3f}, std {rm_std:.3f})" if rm and reward_norm else '')
+              + f"; beta {kl_coef}" + (f", adaptive towards KL {kl_target}" if kl_target else ' (fixed)')
+              + f"; {len(train_records)} rollout prompts")
+
+    def log(record):
+        if master_process:
+            with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
+                f.write(json.dumps(record) + '\n')
+
+    @torch.no_grad()
+    def evaluate(tag, tasks, test=False):
+        """Gold accuracy per skill of greedy replies to held-out prompts, and the reward model's mean score
+        of those replies (the proxy next to the truth); with test=True also on the test prompts."""
+        result = {}
+        for key, ts in (('', tasks), ('test_', test_tasks if test else [])):
+            if not ts:
+                continue
+            acc, replies = gold_accuracy(policy, tokenizer, ts, max_new_tokens=max_new_tokens)
+            result[key + 'accuracy'] = acc
+            if rm is not None:
+                seqs = [render_prompt([{'role': 'user', 'content': t['prompt']}], tokenizer)
+                        + tokenizer.encode_ordinary(r) + [end_token] for t, r in zip(ts, replies)]
+                with ctx:
+                    result[key + 'score'] = ((score_ids(rm, [s[-block_size:] for s in seqs]) - rm_mean)
+                                             / rm_std).mean().item()
+            if not key:
+                result['example'] = {'prompt': ts[0]['prompt'], 'reply': replies[0]}
+        if result:
+            text = '; '.join(f"{'test' if k.startswith('test') else 'val'} gold accuracy: " + ', '.join(
+                f"{s} {v:.0%}" for s, v in result[k].items()) for k in ('accuracy', 'test_accuracy') if k in result)
+            text += ''.join(f"; {'test' if k.startswith('test') else 'val'} reward-model score {result[k]:.3f}"
+                            for k in ('score', 'test_score') if k in result)
+            print(f"[{tag}] {text}")
+        log({'iter': iter_num, 'eval': tag, **result})
+        return result
+
+    def save():
+        """ckpt.pt: the training state (policy with its adapters, value model, optimizers, beta); sample.py and
+        model_from_checkpoint load it as a plain GPT. model.pt: the policy with adapters merged."""
+        sd = clean_state_dict(policy.state_dict())
+        meta = dict(model_args=policy.config.__dict__, lora=lora, data_meta=data_meta, iter_num=iter_num,
+                    kl_coef=kl_ctl.value, config=config, sft_path=sft_path, reward_model=rm_path)
+        save_checkpoint(os.path.join(out_dir, 'ckpt.pt'),
+                        {'model': sd, 'value_model': clean_state_dict(value_model.state_dict()),
+                         'optimizer': policy_optimizer.state_dict(), 'value_optimizer': value_optimizer.state_dict()},
+                        meta)
+        merged = GPT(GPTConfig(**policy.config.__dict__))
+        if lora:
+            apply_lora(merged, **lora)
+        merged.load_state_dict(sd)
+        if lora:
+            merge_lora(merged)
+        save_checkpoint(os.path.join(out_dir, 'model.pt'), {'model': merged.state_dict()},
+                        dict(model_args=merged.config.__dict__, data_meta=data_meta, ppo=config, iter_num=iter_num,
+                             base=dict(init_from=sft_path)))
+
+    # -------------------------------------------------------------------------
+    if master_process:
+        os.makedirs(out_dir, exist_ok=True)
+    before = after = evaluate('sft' if iter_num == 0 else f'resumed at {iter_num}', val_tasks,
+                              test=iter_num == 0) if master_process else {}
+    t0 = time.time()
+    # The policy always runs in eval mode: PPO's ratio compares two forward passes, and dropout would make
+    # them differ for no reason (gradients flow in eval mode all the same).
+    policy.eval()
+    value_model.eval()
+    while iter_num < max_iters:
+        t_iter = time.time()
+        # 1. rollouts: this process's own prompts, seeded by iteration (a resumed run repeats them exactly)
+        rng = np.random.default_rng([seed, iter_num, ddp_rank])
+        batch_prompts = [train_records[i] for i in rng.integers(0, len(train_records), size=batch_size)]
+        gen = torch.Generator(device).manual_seed(int(rng.integers(2**62)))
+        with ctx:
+            ro = rollout(policy, [encode_prompt(r['prompt']) for r in batch_prompts], max_new_tokens, end_token,
+                         gen, vocab_limit)
+        t_rollout = time.time() - t_iter
+        idx, mask = ro['idx'], ro['mask'].float()
+        texts, gold, rm_scores = score_rollouts(batch_prompts, ro)
+        scores = rm_scores if reward == 'model' else torch.tensor([float(g) for g in gold], device=device)
+
+        # 2. per-token rewards, values, advantages (no gradient: these are the targets)
+        with torch.no_grad(), ctx:
+            old_logprobs = ro['logprobs']
+            ref_logprobs = reference_logprobs(policy, ref_model, idx, vocab_limit).float()
+            old_values = value_model(idx[:, :-1]).float()
+        beta = kl_ctl.value
+        rewards = token_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
+        advantages, returns = gae(rewards, old_values, mask, gamma, lam)
+        if whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        kl_per_reply = ((old_logprobs - ref_logprobs) * mask).sum(1)  # a sample of KL(pi || ref) per reply
+
+        # 3. PPO: ppo_epochs passes of minibatches over the rollouts
+        stats = []
+        order_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        for epoch in range(ppo_epochs):
+            order = torch.randperm(batch_size, generator=order_gen).tolist()
+            for start in range(0, batch_size, minibatch_size):
+                mb = order[start:start + minibatch_size]
+                T = max(ro['lengths'][i] for i in mb)  # trim the padding this minibatch does not need
+                mb_idx, mb_mask = idx[mb, :T], mask[mb, :T - 1]
+                with ctx:
+                    logprobs, entropy = policy_ddp(mb_idx)
+                    pg_loss, clip_frac, approx_kl = policy_loss(logprobs.float(), old_logprobs[mb, :T - 1],
+                                                                advantages[mb, :T - 1], mb_mask, clip_range)
+                    ent = masked_mean(entropy.float(), mb_mask)
+                    values = value_ddp(mb_idx[:, :-1]).float()
+                    vf_loss, vf_clip_frac = value_loss(values, old_values[mb, :T - 1], returns[mb, :T - 1],
+                                                       mb_mask, clip_range_value)
+                    # two separate networks: one backward pass serves both, each its own optimizer
+                    loss = pg_loss - ent_coef * ent + vf_loss
+                scaler.scale(loss).backward()
+                if grad_clip > 0:
+                    scaler.unscale_(policy_optimizer)
+                    scaler.unscale_(value_optimizer)
+                    torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], grad_clip)
+                    torch.nn.utils.clip_grad_norm_(value_model.parameters(), grad_clip)
+                scaler.step(policy_optimizer)
+                scaler.step(value_optimizer)
+                scaler.update()
+                policy_optimizer.zero_grad(set_to_none=True)
+                value_optimizer.zero_grad(set_to_none=True)
+                stats.append(torch.stack([pg_loss.detach(), vf_loss.detach(), clip_frac, approx_kl,
+                                          vf_clip_frac, ent.detach()]))
+        iter_num += 1
+
+        # 4. statistics (averaged over processes) and beta's update
+        gold_known = [g for g in gold if g is not None]
+        ro_stats = torch.tensor([scores.float().mean().item(), kl_per_reply.mean().item(),
+                                 masked_mean(ro['entropy'], mask).item(), mask.sum(1).mean().item(),
+                                 sum(ro['ended']) / batch_size, rewards.sum(1).mean().item(),
+                                 sum(gold_known) / max(1, len(gold_known)),
+                                 rm_scores.mean().item() if rm_scores is not None else 0.0,
+                                 explained_variance(old_values, returns, mask)], device=device)
+        ppo_stats = torch.stack(stats).mean(0)
+        if ddp:
+            for s in (ro_stats, ppo_stats):
+                dist.all_reduce(s)
+                s /= ddp_world_size
+        (score_mean, kl, rollout_entropy, reply_len, ended_frac, total_reward, gold_acc, rm_mean_score,
+         expl_var) = ro_stats.tolist()
+        pg_l, vf_l, clip_f, approx_kl_f, vf_clip_f, ent_f = ppo_stats.tolist()
+        kl_ctl.update(kl, batch_size * ddp_world_size)
+        if not all(math.isfinite(v) for v in (pg_l, vf_l, kl)):
+            fail(f"loss or KL is NaN or inf at iteration {iter_num}")
+        dt = time.time() - t_iter
+        record = dict(iter=iter_num, score=score_mean, rm_score=rm_mean_score if rm is not None else None,
+                      gold_accuracy=gold_acc if gold_known else None, kl=kl, kl_coef=beta,
+                      reward_total=total_reward, clip_frac=clip_f, approx_kl=approx_kl_f, entropy=rollout_entropy,
+                      policy_loss=pg_l, value_loss=vf_l, value_clip_frac=vf_clip_f, explained_variance=expl_var,
+                      reply_tokens=reply_len, ended=ended_frac, seconds=dt, rollout_seconds=t_rollout,
+                      example={'prompt': batch_prompts[0]['prompt'][-1]['content'], 'reply': texts[0]})
+        if master_process and (iter_num % log_interval == 0 or iter_num == max_iters):
+            print(f"iter {iter_num}: score {score_mean:.3f}"
+                  + (f", gold {gold_acc:.0%}" if gold_known else '')
+                  + f", KL {kl:.3f} (beta {beta:.4f}), clip {clip_f:.3f}, approx KL {approx_kl_f:.4f}, "
+                  f"entropy {rollout_entropy:.3f}, value loss {vf_l:.4f}, expl. var {expl_var:.2f}, "
+                  f"reply {reply_len:.1f} tokens, {dt:.1f} s ({t_rollout:.1f} rollout)")
+            log(record)
+        if (iter_num % eval_interval == 0 or iter_num == max_iters) and master_process:
+            after = evaluate(f'iter {iter_num}', val_tasks, test=iter_num == max_iters)
+            save()
+    if master_process:
+        if max_iters == 0 or iter_num == 0:
+            save()
+        elapsed = time.time() - t0
+        print(f"trained {iter_num} iterations in {elapsed:.1f} s; policy in {os.path.join(out_dir, 'model.pt')}")
+        log({'summary': dict(mode='lora' if lora else 'full', trainable_params=n_trainable, total_params=n_params,
+                             train_seconds=elapsed, config=config, final_kl_coef=kl_ctl.value),
+             'before': before, 'after': after})
+    if ddp:
+        dist.destroy_process_group()

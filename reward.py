@@ -1,0 +1,388 @@
+"""
+A reward model trained on pairwise preferences (Bradley-Terry): the supervised model's transformer with a
+scalar head read at the last token of prompt + reply, trained so that the preferred reply scores higher,
+P(chosen > rejected) = sigmoid(r_chosen - r_rejected), i.e. loss -log sigmoid(r_chosen - r_rejected).
+
+    python prepare.py prefs --sft_dir=out-sft               # gold-labelled pairs of the SFT model's replies
+    python reward.py config/reward_tasks.py                 # LoRA adapters + head train
+    python reward.py config/reward_tasks.py --lora_rank=0   # the whole network trains
+    python reward.py --data=PATH_OR_URL/train.jsonl.gz --val_data=.../test.jsonl.gz   # HH-RLHF
+
+It reports pairwise accuracy and mean margin on held-out pairs and, on held-out task prompts, how well its
+score ranks the SFT model's sampled replies by the gold checker (AUC, best-of-k). Writes out_dir/reward.pt
+and metrics.jsonl. ppo.py imports the model from here:
+
+    from reward import load_reward_model, score
+    rm, meta = load_reward_model('out-reward/reward.pt', device)
+    rewards = score(rm, tokenizer, prompts, replies)         # one float per reply
+"""
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import (GPT, GPTConfig, apply_lora, chat_ids, check_answer, clean_state_dict, encode_preferences,
+                   get_lr, load_checkpoint, load_tokenizer, merge_lora, model_from_checkpoint, pad_batch,
+                   preference_batch, preference_splits, render_prompt, sample_replies, save_checkpoint)
+
+# -----------------------------------------------------------------------------
+init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt)
+out_dir = 'out-reward'
+data = 'prefs'               # 'prefs': data_dir/prefs/{train,val}.jsonl (prepare.py prefs); or a JSONL(.gz)
+                             # path or URL, {prompt, chosen, rejected} or HH-RLHF {chosen, rejected} transcripts
+val_data = ''                # held-out pairs for data other than 'prefs'; empty: val_fraction of data
+data_dir = 'data'
+val_fraction = 0.05
+# LoRA: adapters and the head train; lora_rank = 0: everything trains
+lora_rank = 8
+lora_alpha = 16.0
+lora_dropout = 0.0
+lora_targets = 'attn,proj,mlp_in,mlp_out'
+# training
+batch_size = 32              # pairs per micro-batch
+gradient_accumulation_steps = 1
+max_iters = 300
+learning_rate = 1e-3
+decay_lr = True
+warmup_iters = 20
+min_lr = 1e-4
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0
+# evaluation
+eval_interval = 100
+eval_pairs = 1000            # held-out pairs for accuracy and margin (0: all)
+rank_prompts = 250           # held-out task prompts whose sampled replies the reward ranks (0 disables)
+rank_samples = 8             # replies sampled per prompt (from init_from's model, temperature 1)
+rank_split = 'test'          # task split of those prompts
+log_interval = 10
+# system
+device = 'auto'
+dtype = 'auto'
+seed = 1337
+# -----------------------------------------------------------------------------
+
+
+class RewardModel(nn.Module):
+    """A GPT trunk and a scalar head on its final hidden state at each row's last real token."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+        self.head = nn.Linear(gpt.config.n_embd, 1)
+        # zero head: every reward starts at 0, so the first loss is exactly log 2 (no preference yet)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx, lengths):
+        """idx (B, T) right-padded, lengths (B,) real tokens per row -> rewards (B,)."""
+        h = self.gpt.hidden_states(idx)
+        last = h[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # padding never reaches it (causal)
+        return self.head(last).squeeze(-1).float()
+
+    def configure_optimizers(self, *args):
+        return GPT.configure_optimizers(self, *args)  # it only needs self.parameters()
+
+
+def reward_loss(r_chosen, r_rejected):
+    """Bradley-Terry: -log P(chosen preferred) = -log sigmoid(r_chosen - r_rejected), averaged."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def load_reward_model(path, device='cpu'):
+    """The reward model saved by reward.py, in eval mode; returns (reward_model, meta). Its tokenizer:
+    model.load_tokenizer(meta['data_meta'])."""
+    ckpt, meta = load_checkpoint(path, map_location=device)
+    rm = RewardModel(GPT(GPTConfig(**meta['model_args'])))
+    rm.load_state_dict(clean_state_dict(ckpt['model']))
+    return rm.to(device).eval(), meta
+
+
+def reply_ids(prompt, reply, tokenizer, block_size):
+    """prompt + reply + <|end|>, cut as model.preference_example cuts a pair: the prompt loses its start
+    first (keeping at least half the block for the reply), then the reply its end."""
+    p = render_prompt(prompt if isinstance(prompt, list) else [{'role': 'user', 'content': prompt}], tokenizer)
+    r = tokenizer.encode_ordinary(reply) + [chat_ids(tokenizer)[2]]
+    n_prompt = min(len(p), max(block_size - len(r), block_size // 2))
+    return p[len(p) - n_prompt:] + r[:block_size - n_prompt]
+
+
+@torch.no_grad()
+def score_ids(reward_model, seqs, batch_size=64):
+    """Rewards (float tensor (N,)) of token sequences of any lengths up to block_size, batched."""
+    was_training = reward_model.training
+    reward_model.eval()
+    device = reward_model.head.weight.device
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        lengths = torch.tensor([len(s) for s in chunk], device=device)
+        out.append(reward_model(pad_batch(chunk, 0, device), lengths))
+    reward_model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def score(reward_model, tokenizer, prompts, replies, batch_size=64):
+    """Rewards of replies (strings, without <|end|>) to prompts (lists of messages, or strings: one user
+    turn): a float tensor (N,)."""
+    bs = reward_model.gpt.config.block_size
+    return score_ids(reward_model, [reply_ids(p, r, tokenizer, bs) for p, r in zip(prompts, replies)], batch_size)
+
+
+def ranking_metrics(tasks, replies, rewards):
+    """How well rewards order each prompt's sampled replies by the gold checker, per skill and in all:
+    auc (of (correct, incorrect) reply pairs of the same prompt, the fraction the reward puts in the right
+    order, ties half), best_of_k (accuracy of the reply with the highest reward), random (expected accuracy
+    of a random reply) and oracle (a correct reply exists)."""
+    per = {}
+    for task, rs, scores in zip(tasks, replies, rewards):
+        ok = [check_answer(task, r) for r in rs]
+        for key in (task['skill'], 'all'):
+            m = per.setdefault(key, dict(right=0.0, pairs=0, best=0, random=0.0, oracle=0, prompts=0))
+            for sc, c in zip(scores, ok):
+                for si, i in zip(scores, ok):
+                    if c and not i:
+                        m['pairs'] += 1
+                        m['right'] += 1.0 if sc > si else 0.5 if sc == si else 0.0
+            m['best'] += ok[max(range(len(rs)), key=lambda j: scores[j])]
+            m['random'] += sum(ok) / len(ok)
+            m['oracle'] += any(ok)
+            m['prompts'] += 1
+    return {k: dict(auc=m['right'] / m['pairs'] if m['pairs'] else None, pairs=m['pairs'],
+                    best_of_k=m['best'] / m['prompts'], random=m['random'] / m['prompts'],
+                    oracle=m['oracle'] / m['prompts']) for k, m in per.items()}
+
+
+if __name__ == '__main__':
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from configurator import apply_config
+    config = apply_config(globals())
+
+    def fail(msg):
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(1)
+
+    # every check that needs no model comes first
+    targets = tuple(t for t in lora_targets.split(',') if t)
+    if lora_rank < 0 or batch_size < 1 or max_iters < 0 or rank_samples < 2 and rank_prompts > 0:
+        fail("lora_rank must be >= 0, batch_size >= 1, max_iters >= 0 and rank_samples >= 2")
+    if lora_rank > 0 and (not targets or set(targets) - {'attn', 'proj', 'mlp_in', 'mlp_out'}):
+        fail(f"lora_targets must name some of attn, proj, mlp_in, mlp_out; got '{lora_targets}'")
+    if rank_split not in ('train', 'val', 'test'):
+        fail(f"rank_split must be train, val or test; got '{rank_split}'")
+    sft_path = next((os.path.join(init_from, n) for n in ('model.pt', 'ckpt.pt')
+                     if os.path.exists(os.path.join(init_from, n))), None)
+    if sft_path is None:
+        fail(f"no model.pt or ckpt.pt in init_from='{init_from}': run finetune_lora.py first")
+    try:
+        train_prefs, val_prefs, report = preference_splits(data, data_dir, val_data, val_fraction, seed)
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        fail(str(e))
+
+    # -------------------------------------------------------------------------
+    # processes, devices, precision (as in finetune_lora.py)
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+    if ddp:
+        dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+        ddp_rank, ddp_world_size = dist.get_rank(), dist.get_world_size()
+        if device_type == 'cuda':
+            device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
+            torch.cuda.set_device(device)
+        if gradient_accumulation_steps % ddp_world_size:
+            fail(f"gradient_accumulation_steps must divide by the {ddp_world_size} processes")
+    else:
+        ddp_rank, ddp_world_size = 0, 1
+    master_process = ddp_rank == 0
+    accum_steps = gradient_accumulation_steps // ddp_world_size
+    if dtype == 'auto':
+        dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+    torch.manual_seed(seed)
+
+    # -------------------------------------------------------------------------
+    # the supervised model becomes the trunk; its replies (sampled before any training) are what the
+    # reward will have to rank
+    gpt, sft_meta = model_from_checkpoint(sft_path, device)
+    data_meta = sft_meta['data_meta']
+    try:
+        tokenizer = load_tokenizer(data_meta)
+        chat_ids(tokenizer)
+    except (ValueError, RuntimeError) as e:
+        fail(str(e))
+    block_size = gpt.config.block_size
+    rank_tasks, rank_replies = [], []
+    if rank_prompts > 0 and master_process:
+        path = os.path.join(data_dir, 'tasks', f'{rank_split}.jsonl')
+        if os.path.exists(path):
+            with open(path, encoding='utf-8') as f:
+                pool = [json.loads(line) for line in f]
+            rng = np.random.default_rng(seed)
+            rank_tasks = [pool[i] for i in sorted(rng.permutation(len(pool))[:rank_prompts])]
+            t_sample = time.time()
+            rank_replies = sample_replies(gpt, tokenizer, [t['prompt'] for t in rank_tasks], rank_samples,
+                                          generator=torch.Generator(device).manual_seed(seed))
+            print(f"sampled {rank_samples} replies to each of {len(rank_tasks)} {rank_split} task prompts "
+                  f"in {time.time() - t_sample:.1f} s")
+        else:
+            print(f"no {path}: ranking of sampled replies skipped")
+
+    lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=list(targets)) if lora_rank else None
+    if lora:
+        apply_lora(gpt, **lora)  # freezes the trunk; adapters train
+    model = RewardModel(gpt).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    train_data, truncated, dropped = encode_preferences(train_prefs, tokenizer, block_size)
+    val_data_ex, val_truncated, val_dropped = encode_preferences(val_prefs, tokenizer, block_size)
+    if eval_pairs:
+        val_data_ex = val_data_ex[:eval_pairs]
+    if master_process:
+        print(f"{'LoRA r=' + str(lora_rank) if lora else 'full training'}: {n_trainable:,} trainable parameters "
+              f"of {n_params:,} ({100 * n_trainable / n_params:.2f}%)")
+        print(f"{len(train_data)} train and {len(val_data_ex)} val pairs; "
+              f"{truncated + val_truncated} truncated to block_size {block_size}, "
+              f"{dropped + val_dropped} dropped (identical once truncated)")
+        for line in report:
+            print(line)
+    if not train_data or not val_data_ex:
+        fail("no usable train or val pairs after tokenizing")
+
+    def get_batch(source, rng):
+        rows = [source[i] for i in rng.integers(0, len(source), size=batch_size)]
+        return preference_batch(rows, device)
+
+    # -------------------------------------------------------------------------
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+    raw_model = model
+    if ddp:
+        model = DDP(model, device_ids=[torch.device(device).index] if device_type == 'cuda' else None)
+
+    def log(record):
+        if master_process:
+            with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
+                f.write(json.dumps(record) + '\n')
+
+    @torch.no_grad()
+    def evaluate(tag, rank=False):
+        """Held-out pairs: loss, accuracy (r_chosen > r_rejected), mean margin, per skill where records
+        name one; with rank=True also the ranking of sampled replies to held-out task prompts."""
+        rewards = []
+        for i in range(0, len(val_data_ex), 64):
+            idx, _, lengths = preference_batch(val_data_ex[i:i + 64], device)
+            raw_model.eval()
+            with ctx:
+                r = raw_model(idx, lengths)
+            rewards.append(r.view(2, -1))
+        raw_model.train()
+        rc, rr = torch.cat(rewards, dim=1)
+        result = dict(val_loss=reward_loss(rc, rr).item(), val_accuracy=(rc > rr).float().mean().item(),
+                      val_margin=(rc - rr).mean().item(), reward_mean=torch.cat([rc, rr]).mean().item(),
+                      reward_std=torch.cat([rc, rr]).std().item())
+        skills = [e['skill'] for e in val_data_ex]
+        if all(isinstance(s, str) for s in skills):
+            result['val_accuracy_per_skill'] = {s: (rc > rr)[[k == s for k in skills]].float().mean().item()
+                                                for s in dict.fromkeys(skills)}
+        text = f"val loss {result['val_loss']:.4f}, pair accuracy {result['val_accuracy']:.1%}, " \
+               f"margin {result['val_margin']:.3f}"
+        if rank and rank_tasks:
+            flat_p = [t['prompt'] for t, rs in zip(rank_tasks, rank_replies) for _ in rs]
+            flat_r = [r for rs in rank_replies for r in rs]
+            scores = score(raw_model, tokenizer, flat_p, flat_r).tolist()
+            scores = [scores[i * rank_samples:(i + 1) * rank_samples] for i in range(len(rank_tasks))]
+            result['ranking'] = ranking_metrics(rank_tasks, rank_replies, scores)
+            a = result['ranking']['all']
+            text += f"; {rank_split} prompts: AUC {a['auc']:.3f} over {a['pairs']} (correct, incorrect) pairs, " \
+                    f"best-of-{rank_samples} by reward {a['best_of_k']:.1%} vs random {a['random']:.1%} " \
+                    f"(oracle {a['oracle']:.1%})"
+        print(f"[{tag}] {text}")
+        log({'iter': iter_num, 'eval': tag, **result})
+        return result
+
+    def save():
+        """reward.pt: the trunk with its adapters merged, and the head; loads with load_reward_model."""
+        sd = clean_state_dict(raw_model.state_dict())
+        plain = RewardModel(GPT(GPTConfig(**raw_model.gpt.config.__dict__)))
+        if lora:
+            apply_lora(plain.gpt, **lora)
+        plain.load_state_dict(sd)
+        if lora:
+            merge_lora(plain.gpt)
+        meta = dict(model_args=plain.gpt.config.__dict__, data_meta=data_meta, lora=lora, iter_num=iter_num,
+                    config=config, init_from=sft_path, reward_mean=last.get('reward_mean'),
+                    reward_std=last.get('reward_std'))
+        save_checkpoint(os.path.join(out_dir, 'reward.pt'), {'model': plain.state_dict()}, meta)
+
+    # -------------------------------------------------------------------------
+    if master_process:
+        os.makedirs(out_dir, exist_ok=True)
+    iter_num = 0
+    last = evaluate('init') if master_process else {}
+    t0 = t_log = time.time()
+    loss_sum = torch.zeros((), device=device)
+    acc_sum = torch.zeros((), device=device)
+    while iter_num < max_iters:
+        lr = get_lr(iter_num, learning_rate, warmup_iters, max_iters, min_lr) if decay_lr else learning_rate
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        for micro_step in range(accum_steps):
+            idx, _, lengths = get_batch(train_data, np.random.default_rng([seed, iter_num, ddp_rank * accum_steps + micro_step]))
+            if ddp:
+                model.require_backward_grad_sync = (micro_step == accum_steps - 1)
+            with ctx:
+                rc, rr = model(idx, lengths).view(2, -1)  # chosen rows first, then rejected
+                loss = reward_loss(rc, rr) / accum_steps
+            loss_sum += loss.detach()
+            acc_sum += (rc > rr).float().mean().detach() / accum_steps
+            scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        if iter_num % log_interval == 0 or iter_num == max_iters:
+            if ddp:
+                for s in (loss_sum, acc_sum):
+                    dist.all_reduce(s)
+                    s /= ddp_world_size
+            n = log_interval if iter_num % log_interval == 0 else iter_num % log_interval
+            lossf, accf = loss_sum.item() / n, acc_sum.item() / n
+            if not math.isfinite(lossf):
+                fail(f"loss is NaN or inf at iteration {iter_num}")
+            if master_process:
+                print(f"iter {iter_num}: loss {lossf:.4f}, train pair accuracy {accf:.1%}, lr {lr:.2e}, "
+                      f"{(time.time() - t_log) / n * 1000:.0f} ms/iter")
+                log({'iter': iter_num, 'loss': lossf, 'train_accuracy': accf, 'lr': lr})
+            loss_sum.zero_()
+            acc_sum.zero_()
+            t_log = time.time()
+        if (iter_num % eval_interval == 0 or iter_num == max_iters) and master_process:
+            last = evaluate(f'iter {iter_num}', rank=iter_num == max_iters)
+            save()
+    if max_iters == 0 and master_process:
+        last = evaluate('init', rank=True)
+        save()
+    if master_process:
+        elapsed = time.time() - t0
+        print(f"trained {iter_num} iterations in {elapsed:.1f} s; reward model in {os.path.join(out_dir, 'reward.pt')}")
+        log({'summary': dict(mode='lora' if lora else 'full', trainable_params=n_trainable, total_params=n_params,
+                             train_seconds=elapsed, train_pairs=len(train_data), val_pairs=len(val_data_ex)),
+             'final': last})
+    if ddp:
+        dist.destroy_process_group()

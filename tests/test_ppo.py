@@ -1,0 +1,384 @@
+"""ppo.py against references: GAE against a loop written from its definition, the clipped objectives and
+the value loss against hand-computed numbers, the KL penalty's sign and size (against an exact KL), the
+adaptive controller's formula, rollout log-probs against a fresh forward pass per row, a tiny problem
+where PPO must raise the reward, and the script end to end on a toy task it must learn."""
+import copy
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+from conftest import error_line, read_metrics, run
+from ppo import (KLController, ValueModel, compare_runs, explained_variance, gae, kl_penalty, logprobs_and_entropy,
+                 masked_mean, masked_whiten, policy_loss, reference_logprobs, rollout, token_rewards, value_loss)
+from test_dpo import tiny_gpt, tiny_tokenizer_meta, write_jsonl
+
+
+@pytest.fixture(scope='module')
+def tok_meta(tmp_path_factory):
+    return tiny_tokenizer_meta(tmp_path_factory.mktemp('tok'))
+
+
+@pytest.fixture(scope='module')
+def tokenizer(tok_meta):
+    return M.load_tokenizer(tok_meta)
+
+
+# -----------------------------------------------------------------------------
+# GAE
+
+def gae_reference(rewards, values, gamma, lam):
+    """One reply, plain Python, straight from the definition: delta_t = r_t + gamma V_{t+1} - V_t with V = 0
+    after the last token, A_t = sum_k (gamma lam)^k delta_{t+k}."""
+    n = len(rewards)
+    v = list(values) + [0.0]
+    deltas = [rewards[t] + gamma * v[t + 1] - v[t] for t in range(n)]
+    adv = [sum((gamma * lam) ** k * deltas[t + k] for k in range(n - t)) for t in range(n)]
+    return adv, [a + vt for a, vt in zip(adv, values)]
+
+
+@pytest.mark.parametrize('gamma,lam', [(1.0, 0.95), (0.99, 0.9), (1.0, 1.0), (0.5, 0.0)])
+def test_gae_matches_its_definition(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    # rows = (prompt positions, reply length): the reply sits after the prompt, padding after the reply
+    rows = [(3, 5), (1, 1), (6, 2), (2, 8)]
+    T = max(p + n for p, n in rows) + 2
+    rewards = torch.randn(len(rows), T, generator=g, dtype=torch.float64)
+    values = torch.randn(len(rows), T, generator=g, dtype=torch.float64)
+    mask = torch.zeros(len(rows), T, dtype=torch.float64)
+    for i, (p, n) in enumerate(rows):
+        mask[i, p:p + n] = 1
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    for i, (p, n) in enumerate(rows):
+        ref_adv, ref_ret = gae_reference(rewards[i, p:p + n].tolist(), values[i, p:p + n].tolist(), gamma, lam)
+        assert adv[i, p:p + n].tolist() == pytest.approx(ref_adv, rel=1e-12, abs=1e-12)
+        assert ret[i, p:p + n].tolist() == pytest.approx(ref_ret, rel=1e-12, abs=1e-12)
+        # nothing outside the reply, whatever rewards and values sit there
+        assert adv[i, :p].abs().sum() == 0 and adv[i, p + n:].abs().sum() == 0 and ret[i, p + n:].abs().sum() == 0
+
+
+def test_gae_special_cases_by_hand():
+    # lam = 1, gamma = 1: the advantage is the sum of the rewards still to come minus the value
+    r, v, m = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[0.5, 0.25, 4.0]]), torch.ones(1, 3)
+    adv, ret = gae(r, v, m, 1.0, 1.0)
+    assert adv.tolist() == [[6.0 - 0.5, 5.0 - 0.25, 3.0 - 4.0]] and ret.tolist() == [[6.0, 5.0, 3.0]]
+    # lam = 0: one-step TD errors
+    adv, _ = gae(r, v, m, 0.5, 0.0)
+    assert adv[0].tolist() == pytest.approx([1 + 0.5 * 0.25 - 0.5, 2 + 0.5 * 4.0 - 0.25, 3 - 4.0])
+
+
+# -----------------------------------------------------------------------------
+# the losses, against hand-computed numbers
+
+def test_policy_loss_by_hand():
+    # four reply tokens and one masked-out position (which must not count, however extreme)
+    log_ratio = [0.3, -0.5, 0.1, 0.25, 5.0]
+    adv = [2.0, -1.0, 1.0, -2.0, 100.0]
+    m = [1.0, 1.0, 1.0, 1.0, 0.0]
+    old = [-1.0, -2.0, -0.5, -3.0, -1.0]
+    new = torch.tensor([o + d for o, d in zip(old, log_ratio)], dtype=torch.float64, requires_grad=True)
+    loss, clip_frac, approx_kl = policy_loss(new, torch.tensor(old, dtype=torch.float64),
+                                             torch.tensor(adv, dtype=torch.float64), torch.tensor(m), 0.2)
+    # token 0: r = e^0.3 = 1.34986 > 1.2 with A > 0: clipped, -2 * 1.2 = -2.4
+    # token 1: r = e^-0.5 = 0.60653 < 0.8 with A < 0: clipped, 1 * 0.8 = 0.8
+    # token 2: r = e^0.1 = 1.10517 inside [0.8, 1.2]: -1.10517
+    # token 3: r = e^0.25 = 1.28403 > 1.2 but A < 0 (the ratio moved the wrong way): not clipped, 2 * 1.28403
+    per_token = [-2.4, 0.8, -1.1051709180756477, 2.568050833375483]
+    assert loss.item() == pytest.approx(sum(per_token) / 4, rel=1e-12)
+    assert clip_frac.item() == pytest.approx(0.5)
+    kl_terms = [math.exp(d) - 1 - d for d in log_ratio[:4]]
+    assert approx_kl.item() == pytest.approx(sum(kl_terms) / 4, rel=1e-12)
+    # the gradient: zero where clipped (and masked), -A r / n where not
+    loss.backward()
+    assert new.grad.tolist() == pytest.approx([0.0, 0.0, -1.0 * math.exp(0.1) / 4, 2.0 * math.exp(0.25) / 4, 0.0],
+                                              rel=1e-12, abs=1e-15)
+
+
+def test_policy_loss_at_ratio_one_is_minus_mean_advantage():
+    adv = torch.tensor([[0.5, -1.5, 2.0]])
+    lp = torch.tensor([[-1.0, -2.0, -3.0]])
+    loss, clip_frac, approx_kl = policy_loss(lp, lp, adv, torch.ones(1, 3), 0.2)
+    assert loss.item() == pytest.approx(-1.0 / 3) and clip_frac == 0 and approx_kl == 0
+
+
+def test_value_loss_by_hand():
+    values = torch.tensor([1.0, 0.5, -1.0, 2.0, 9.0], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([0.5, 0.6, 0.0, 1.9, 0.0], dtype=torch.float64)
+    returns = torch.tensor([2.0, 0.0, 0.5, 1.0, 0.0], dtype=torch.float64)
+    m = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
+    loss, clip_frac = value_loss(values, old, returns, m, 0.2)
+    # token 0: V moved 0.5 up, clipped to 0.7: (1 - 2)^2 = 1 vs (0.7 - 2)^2 = 1.69 -> 1.69 (clipped, worse)
+    # token 1: V moved 0.1 down, within the clip: (0.5 - 0)^2 = 0.25 both
+    # token 2: V moved 1 down, clipped to -0.2: (-1 - 0.5)^2 = 2.25 vs (-0.2 - 0.5)^2 = 0.49 -> 2.25 (unclipped)
+    # token 3: V moved 0.1 up: (2 - 1)^2 = 1 both
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 0.25 + 2.25 + 1.0) / 4, rel=1e-12)
+    assert clip_frac.item() == pytest.approx(0.25)
+    loss.backward()  # no gradient where the clipped error was the larger: token 0; masked: token 4
+    assert values.grad.tolist() == pytest.approx([0.0, 0.5 * 2 * 0.5 / 4, 0.5 * 2 * -1.5 / 4, 0.5 * 2 * 1.0 / 4, 0.0],
+                                                 rel=1e-12, abs=1e-15)
+
+
+def test_explained_variance_and_whitening_by_hand():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert explained_variance(returns.clone(), returns, m) == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(returns, 7.0), returns, m) == pytest.approx(0.0)
+    # values [1, 1, 1]: residuals [0, 1, 2], variance 2/3 of returns' 2/3 -> 0; values [2, 2, 2] the same
+    assert explained_variance(torch.tensor([[1.0, 2.5, 2.5, 0.0]]), returns, m) == pytest.approx(1 - (1 / 6) / (2 / 3))
+    w = masked_whiten(returns, m)
+    assert w.tolist()[0] == pytest.approx([-math.sqrt(1.5), 0.0, math.sqrt(1.5), 0.0], rel=1e-6)
+    assert masked_mean(returns, m).item() == 2.0
+
+
+# -----------------------------------------------------------------------------
+# the KL penalty and beta
+
+def test_kl_penalty_sign_and_size():
+    logp = torch.tensor([math.log(0.5), math.log(0.1), math.log(0.3)])
+    ref = torch.tensor([math.log(0.25), math.log(0.2), math.log(0.3)])
+    pen = kl_penalty(logp, ref, 0.1)
+    # more likely than under the supervised model: a negative reward of beta * log(0.5 / 0.25)
+    assert pen.tolist() == pytest.approx([-0.1 * math.log(2), 0.1 * math.log(2), 0.0], rel=1e-6, abs=1e-9)
+    assert kl_penalty(logp, ref, 0.0).abs().sum() == 0
+    # its mean over the policy's own samples is -beta * KL(pi || ref), the exact sum over the vocabulary
+    g = torch.Generator().manual_seed(0)
+    pi = torch.softmax(torch.randn(12, generator=g, dtype=torch.float64), 0)
+    q = torch.softmax(torch.randn(12, generator=g, dtype=torch.float64), 0)
+    kl_exact = (pi * (pi.log() - q.log())).sum().item()
+    y = torch.multinomial(pi, 200_000, replacement=True, generator=g)
+    mean_pen = kl_penalty(pi.log()[y], q.log()[y], 0.2).mean().item()
+    assert kl_exact > 0.05 and mean_pen == pytest.approx(-0.2 * kl_exact, rel=0.03)
+
+
+def test_token_rewards_put_the_score_on_the_last_reply_token():
+    logp = torch.tensor([[0.0, -1.0, -2.0, -1.0, 0.0], [0.0, -0.5, 0.0, 0.0, 0.0]])
+    ref = torch.tensor([[0.0, -2.0, -1.0, -1.5, 0.0], [0.0, -1.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]])
+    r = token_rewards(torch.tensor([3.0, -1.0]), logp, ref, mask, 0.5)
+    assert r[0].tolist() == pytest.approx([0.0, -0.5, 0.5, -0.25 + 3.0, 0.0])
+    assert r[1].tolist() == pytest.approx([0.0, -0.25 - 1.0, 0.0, 0.0, 0.0])
+
+
+def test_adaptive_kl_controller_follows_ziegler():
+    fixed = KLController(0.1)
+    assert fixed.update(50.0, 64) == 0.1
+    ctl = KLController(0.1, target=2.0, horizon=1000)
+    assert ctl.update(2.2, 64) == pytest.approx(0.1 * (1 + 0.1 * 64 / 1000))          # 10% above: grows
+    b = ctl.value
+    assert ctl.update(20.0, 64) == pytest.approx(b * (1 + 0.2 * 64 / 1000))           # error clipped at +0.2
+    b = ctl.value
+    assert ctl.update(0.0, 100) == pytest.approx(b * (1 - 0.2 * 100 / 1000))          # and at -0.2
+    # it steers: a KL that falls as beta rises settles near the target
+    ctl = KLController(0.01, target=2.0, horizon=200)
+    for _ in range(400):
+        ctl.update(0.05 / ctl.value, 64)  # toy world: KL = 0.05 / beta
+    assert 0.05 / ctl.value == pytest.approx(2.0, rel=0.05)
+
+
+# -----------------------------------------------------------------------------
+# rollouts and the reference
+
+def test_rollout_logprobs_equal_a_fresh_forward_pass(tokenizer):
+    policy = tiny_gpt(seed=3)
+    M.apply_lora(policy, rank=4, alpha=8.0)
+    with torch.no_grad():  # non-zero adapters: the policy is not the reference
+        for layer in M.lora_layers(policy):
+            layer.lora_B.normal_(0, 0.2)
+    end = M.chat_ids(tokenizer)[2]
+    prompts = [M.render_prompt([{'role': 'user', 'content': t}], tokenizer) for t in ('Hi', 'Reverse: a b c', 'x')]
+    ro = rollout(policy, prompts, 12, end, torch.Generator().manual_seed(5), vocab_limit=None)
+    # the same tokens the KV-cached generator draws with the same seed
+    again = policy.generate(prompts, 12, temperature=1.0, stop_token=end, generator=torch.Generator().manual_seed(5))
+    assert ro['replies'] == again
+    base = tiny_gpt(seed=3).eval()  # the supervised weights, without adapters
+    ref = reference_logprobs(policy, None, ro['idx'])
+    for i, (p, r) in enumerate(zip(prompts, ro['replies'])):
+        actions = r + [end] if ro['ended'][i] else r
+        assert ro['ended'][i] == (len(r) < 12)
+        n = len(p) + len(actions)
+        assert ro['idx'][i, :n].tolist() == p + actions and ro['lengths'][i] == n
+        assert ro['mask'][i].tolist() == [False] * (len(p) - 1) + [True] * len(actions) + [False] * (ro['idx'].size(1) - n)
+        alone = torch.tensor([p + actions])
+        with torch.no_grad():
+            fresh = M.token_logprobs(policy, alone)[0]
+            fresh_ref = M.token_logprobs(base, alone)[0]
+        assert torch.allclose(ro['logprobs'][i, :n - 1], fresh, atol=1e-5)
+        assert torch.allclose(ref[i, :n - 1], fresh_ref, atol=1e-5)
+        assert (ro['logprobs'][i, len(p) - 1:n - 1] - ref[i, len(p) - 1:n - 1]).abs().max() > 1e-3
+    assert all(layer.enabled for layer in M.lora_layers(policy))
+
+
+def test_rollout_with_vocab_limit_samples_and_scores_the_limited_distribution():
+    policy = tiny_gpt(seed=4).eval()
+    ro = rollout(policy, [[1, 2, 3]] * 8, 10, end_token=250, generator=torch.Generator().manual_seed(0), vocab_limit=251)
+    assert max(max(r, default=0) for r in ro['replies']) < 251
+    with torch.no_grad():
+        logits = policy.lm_head(policy.hidden_states(ro['idx'][:, :-1]))[..., :251]
+        expected = torch.log_softmax(logits, -1).gather(2, ro['idx'][:, 1:, None]).squeeze(-1)
+    assert torch.allclose(ro['logprobs'], expected, atol=1e-5)
+    p = torch.softmax(logits, -1)
+    assert torch.allclose(ro['entropy'], -(p * p.log()).sum(-1), atol=1e-4)
+
+
+def test_value_model_loads_a_reward_model_and_reads_every_position():
+    from reward import RewardModel, score_ids
+    rm = RewardModel(tiny_gpt(seed=2)).eval()
+    torch.nn.init.normal_(rm.head.weight)
+    vm = ValueModel(tiny_gpt(seed=9))
+    vm.load_state_dict(rm.state_dict())
+    seqs = [[5, 6, 7, 8], [9, 10]]
+    with torch.no_grad():
+        v = vm(M.pad_batch(seqs))
+    assert torch.allclose(torch.stack([v[0, 3], v[1, 1]]), score_ids(rm, seqs), atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# a tiny problem: reward 1 for a reply that starts with token 7. A random 16-token model says it 1 time in 16.
+
+def test_ppo_raises_the_reward_of_one_token():
+    torch.manual_seed(0)
+    cfg = dict(block_size=16, vocab_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0, bias=True)
+    policy = M.GPT(M.GPTConfig(**cfg))
+    ref = copy.deepcopy(policy).eval()
+    critic = ValueModel(M.GPT(M.GPTConfig(**cfg)))
+    opt = torch.optim.Adam(list(policy.parameters()) + list(critic.parameters()), lr=1e-2)
+    gen, order_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    end, target, B = 15, 7, 32
+    history = []
+    for it in range(15):
+        prompts = [[1, 2, int(torch.randint(3, 6, (1,), generator=gen))] for _ in range(B)]
+        ro = rollout(policy, prompts, 3, end, gen)
+        mask = ro['mask'].float()
+        scores = torch.tensor([float(r[:1] == [target]) for r in ro['replies']])
+        history.append(scores.mean().item())
+        with torch.no_grad():
+            ref_lp = reference_logprobs(policy, ref, ro['idx'])
+            old_v = critic(ro['idx'][:, :-1])
+        rewards = token_rewards(scores, ro['logprobs'], ref_lp, mask, 0.01)
+        adv, ret = gae(rewards, old_v, mask, 1.0, 0.95)
+        adv = masked_whiten(adv, mask)
+        for _ in range(2):
+            for mb in torch.randperm(B, generator=order_gen).split(16):
+                lp, _ = logprobs_and_entropy(policy, ro['idx'][mb])
+                pl, _, _ = policy_loss(lp, ro['logprobs'][mb], adv[mb], mask[mb], 0.2)
+                vl, _ = value_loss(critic(ro['idx'][mb, :-1]), old_v[mb], ret[mb], mask[mb], 0.2)
+                opt.zero_grad()
+                (pl + vl).backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+                opt.step()
+    assert sum(history[:3]) / 3 < 0.2 and sum(history[-3:]) / 3 > 0.7, history
+
+
+# -----------------------------------------------------------------------------
+# the script, end to end: a supervised model that answers a, b, c or d at random; the checker wants one of them
+
+PPO_TINY = ['--device=cpu', '--batch_size=32', '--minibatch_size=16', '--ppo_epochs=2', '--max_new_tokens=4',
+            '--eval_interval=100', '--log_interval=1', '--value_learning_rate=1e-3']
+
+
+def toy_tasks(n, seed, answer='a'):
+    rng = random.Random(seed)
+    return [{'skill': 'copy', 'prompt': f"Pick a letter: {rng.randint(0, 99)}", 'answer': answer} for _ in range(n)]
+
+
+@pytest.fixture(scope='module')
+def toy(tmp_path_factory, tok_meta, tokenizer):
+    """An "SFT" model that answers a, b, c or d at random, and data_dir/tasks whose answer is always the letter
+    it likes least (so that its greedy replies are wrong)."""
+    d = tmp_path_factory.mktemp('ppo')
+    torch.manual_seed(0)
+    m = tiny_gpt(seed=0, block_size=32)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    rng = random.Random(0)
+    for step in range(150):
+        rows = [M.chat_example([{'role': 'user', 'content': t['prompt']},
+                                {'role': 'assistant', 'content': rng.choice('abcd')}], tokenizer, 32)
+                for t in toy_tasks(32, 100 + step)]
+        x = M.pad_batch([r[0] for r in rows])
+        y = M.pad_batch([r[1] for r in rows], -1)
+        _, loss = m(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    (d / 'sft').mkdir()
+    M.save_checkpoint(str(d / 'sft' / 'model.pt'), {'model': m.state_dict()},
+                      dict(model_args=m.config.__dict__, data_meta=tok_meta))
+    with torch.no_grad():
+        prompts = [M.render_prompt([{'role': 'user', 'content': t['prompt']}], tokenizer) for t in toy_tasks(40, 1)]
+        probs = torch.stack([m(torch.tensor([p]))[0][0, -1].softmax(-1) for p in prompts]).mean(0)
+    answer = min('abcd', key=lambda c: probs[tokenizer.encode_ordinary(c)[0]].item())
+    (d / 'tasks').mkdir()
+    for split, n, s in (('train', 200, 0), ('val', 20, 1), ('test', 20, 2)):
+        write_jsonl(d / 'tasks' / f'{split}.jsonl', toy_tasks(n, s, answer))
+    return d
+
+
+def test_ppo_script_learns_the_gold_answer(toy):
+    # every weight trains (lora_rank=0): the toy's 32-wide LayerNormed trunk cannot sharpen its letter
+    # choice much through LoRA adapters alone
+    out = toy / 'out-gold'
+    run(['ppo.py', f'--init_from={toy / "sft"}', f'--out_dir={out}', f'--data_dir={toy}', '--reward=gold',
+         '--lora_rank=0', '--learning_rate=1e-3', '--max_iters=12', '--kl_coef=0.02', '--kl_target=1.0',
+         '--kl_horizon=500', *PPO_TINY])
+    records = read_metrics(out)
+    iters = [r for r in records if 'kl' in r and 'eval' not in r]
+    assert len(iters) == 12
+    for key in ('score', 'gold_accuracy', 'kl', 'kl_coef', 'clip_frac', 'approx_kl', 'entropy', 'value_loss',
+                'explained_variance'):
+        assert all(isinstance(r[key], float) for r in iters), key
+    first, last = iters[0], iters[-1]
+    assert first['score'] == first['gold_accuracy'] < 0.3  # the letter it likes least
+    assert abs(first['kl']) < 1e-4  # the first rollouts come from the supervised model itself
+    assert sum(r['gold_accuracy'] for r in iters[-3:]) / 3 > 0.75 and last['kl'] > 0.3
+    assert last['kl_coef'] != first['kl_coef']  # the controller moved beta
+    summary = records[-1]
+    assert summary['before']['test_accuracy']['all'] < 0.5
+    assert summary['after']['test_accuracy']['all'] == 1.0 and summary['after']['accuracy']['copy'] == 1.0
+    # both checkpoints load as a plain GPT (sample.py reads ckpt.pt) that gives the answer
+    answer = json.loads((toy / 'tasks' / 'val.jsonl').read_text().splitlines()[0])['answer']
+    tok = M.load_tokenizer(M.load_checkpoint(str(out / 'model.pt'))[1]['data_meta'])
+    for name in ('model.pt', 'ckpt.pt'):
+        gpt, _ = M.model_from_checkpoint(str(out / name))
+        acc, _ = M.gold_accuracy(gpt, tok, toy_tasks(10, 5, answer), max_new_tokens=4)
+        assert acc['all'] == 1.0
+
+
+def test_ppo_script_with_a_reward_model_and_resume(toy, tok_meta):
+    from reward import RewardModel
+    rm = RewardModel(tiny_gpt(seed=5, block_size=32))
+    torch.nn.init.normal_(rm.head.weight, std=0.5)
+    (toy / 'rm').mkdir(exist_ok=True)
+    M.save_checkpoint(str(toy / 'rm' / 'reward.pt'), {'model': rm.state_dict()},
+                      dict(model_args=rm.gpt.config.__dict__, data_meta=tok_meta, reward_mean=0.5, reward_std=2.0))
+    out = toy / 'out-rm'
+    common = [f'--out_dir={out}', f'--data_dir={toy}', f'--reward_model={toy / "rm"}', '--lora_rank=0',
+              '--learning_rate=1e-3', '--eval_tasks=5', *PPO_TINY]
+    run(['ppo.py', f'--init_from={toy / "sft"}', '--max_iters=2', *common])
+    run(['ppo.py', '--init_from=resume', '--max_iters=3', *common])
+    records = read_metrics(out)
+    iters = [r for r in records if 'kl' in r and 'eval' not in r]
+    assert [r['iter'] for r in iters] == [1, 2, 3]
+    assert all(r['score'] == r['rm_score'] and r['gold_accuracy'] is not None for r in iters)
+    evals = [r for r in records if 'eval' in r]
+    assert [e['eval'] for e in evals] == ['sft', 'iter 2', 'resumed at 2', 'iter 3']
+    assert 'score' in evals[0] and 'test_score' in evals[0]
+    table, _ = compare_runs([str(out)])
+    assert str(out) in table and 'SFT' in table
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--reward=human'], "reward must be 'model' or 'gold'"),
+    (['--reward_model=/nonexistent'], 'no reward model at /nonexistent'),
+    (['--reward=gold', '--prompts=NOANSWER'], "needs an 'answer' for every prompt"),
+])
+def test_ppo_bad_input_fails_with_one_line_before_work(toy, args, message):
+    write_jsonl(toy / 'noanswer.jsonl', ['"What is 2 + 2?"', {'prompt': 'Copy: a'}])
+    args = [a.replace('NOANSWER', str(toy / 'noanswer.jsonl')) for a in args]
+    p = run(['ppo.py', f'--init_from={toy / "sft"}', f'--out_dir={toy / "never"}', f'--data_dir={toy}', *PPO_TINY,
+             *args], check=False)
+    assert message in error_line(p)
+    assert not (toy / 'never').exists()

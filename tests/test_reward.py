@@ -1,0 +1,322 @@
+"""reward.py and the preference data it reads, against references: the reward read at each row's last
+real token against a row-by-row forward pass, Bradley-Terry and the ranking metrics against hand
+computation, a toy preference it must learn, HH-RLHF transcripts (plain, gzipped, over HTTP) parsed into
+known prompts and replies, and prepare.py prefs keeping exactly the (correct, incorrect) pairs."""
+import functools
+import gzip
+import http.server
+import json
+import math
+import random
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as M
+from conftest import ROOT, error_line, read_metrics, run
+from reward import RewardModel, load_reward_model, ranking_metrics, reply_ids, reward_loss, score, score_ids
+from test_dpo import tiny_gpt, tiny_tokenizer_meta, write_jsonl, write_sft
+
+FIXTURE = Path(__file__).parent / 'fixtures' / 'hh_rlhf_small.jsonl'
+
+
+@pytest.fixture(scope='module')
+def tok_meta(tmp_path_factory):
+    return tiny_tokenizer_meta(tmp_path_factory.mktemp('tok'))
+
+
+@pytest.fixture(scope='module')
+def tokenizer(tok_meta):
+    return M.load_tokenizer(tok_meta)
+
+
+# -----------------------------------------------------------------------------
+# the model and its loss
+
+def test_reward_is_read_at_each_rows_last_real_token():
+    torch.manual_seed(1)
+    rm = RewardModel(tiny_gpt()).eval()
+    torch.nn.init.normal_(rm.head.weight)
+    torch.nn.init.normal_(rm.head.bias)
+    seqs = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15], [16, 17, 18, 19]]
+    with torch.no_grad():
+        batched = score_ids(rm, seqs)
+        for s, r in zip(seqs, batched):  # reference: the row alone, no padding, its last position
+            h = rm.gpt.hidden_states(torch.tensor([s]))[0, -1]
+            assert r.item() == pytest.approx((h @ rm.head.weight[0] + rm.head.bias[0]).item(), abs=1e-5)
+        # whatever sits in the padding changes nothing
+        idx = M.pad_batch(seqs, 0)
+        lengths = torch.tensor([len(s) for s in seqs])
+        noisy = idx.clone()
+        for i, s in enumerate(seqs):
+            noisy[i, len(s):] = torch.randint(0, 260, (idx.size(1) - len(s),))
+        assert torch.allclose(rm(noisy, lengths), batched, atol=1e-6)
+
+
+def test_reward_head_starts_at_zero_so_first_loss_is_log2():
+    rm = RewardModel(tiny_gpt())
+    r = score_ids(rm, [[1, 2, 3], [4, 5]])
+    assert torch.equal(r, torch.zeros(2))
+    assert reward_loss(r[:1], r[1:]).item() == pytest.approx(math.log(2))
+
+
+def test_reward_loss_is_bradley_terry():
+    g = torch.Generator().manual_seed(0)
+    rc, rr = torch.randn(12, generator=g, dtype=torch.float64) * 3, torch.randn(12, generator=g, dtype=torch.float64) * 3
+    ref = sum(-math.log(1 / (1 + math.exp(-(c - r)))) for c, r in zip(rc.tolist(), rr.tolist())) / 12
+    assert reward_loss(rc, rr).item() == pytest.approx(ref, rel=1e-9)
+
+
+def test_score_renders_prompt_and_reply_like_a_preference(tokenizer):
+    rm = RewardModel(tiny_gpt()).eval()
+    torch.nn.init.normal_(rm.head.weight)
+    pref = M.check_preference({'prompt': 'Reverse: a b', 'chosen': 'b a', 'rejected': 'a b'})
+    ex = M.preference_example(pref, tokenizer, 64)
+    assert reply_ids('Reverse: a b', 'b a', tokenizer, 64) == ex['chosen']
+    assert reply_ids(pref['prompt'], 'a b', tokenizer, 64) == ex['rejected']
+    s = score(rm, tokenizer, ['Reverse: a b', pref['prompt']], ['b a', 'a b'])
+    assert torch.allclose(s, score_ids(rm, [ex['chosen'], ex['rejected']]))
+    long = reply_ids('x ' * 100, 'y' * 10, tokenizer, 64)  # too long: the prompt's start goes
+    assert len(long) == 64 and long[-11:] == tokenizer.encode_ordinary('y' * 10) + [M.chat_ids(tokenizer)[2]]
+
+
+def test_ranking_metrics_by_hand():
+    tasks = [{'skill': 'add', 'answer': '5'}, {'skill': 'add', 'answer': '7'}, {'skill': 'copy', 'answer': 'a'}]
+    replies = [['5', '4', '6', '5'], ['1', '7', '2', '3'], ['a', 'a', 'a', 'a']]
+    rewards = [[0.9, 0.1, 1.0, 0.2], [0.5, 0.4, 0.0, 0.4], [1.0, 0.0, 0.0, 0.0]]
+    m = ranking_metrics(tasks, replies, rewards)
+    # prompt 1: correct {0.9, 0.2} vs incorrect {0.1, 1.0}: 0.9>0.1, 0.9<1.0, 0.2>0.1, 0.2<1.0 -> 2 of 4
+    # prompt 2: correct {0.4} vs {0.5, 0.0, 0.4}: lose, win, tie -> 1.5 of 3; prompt 3: no pairs
+    assert m['add']['pairs'] == 7 and m['add']['auc'] == pytest.approx(3.5 / 7)
+    assert m['copy']['pairs'] == 0 and m['copy']['auc'] is None
+    assert m['all']['auc'] == pytest.approx(3.5 / 7)
+    # best of 4 by reward: '6' (wrong), '1' (wrong), 'a' (right); random: 1/2, 1/4, 1; oracle 1, 1, 1
+    assert m['add']['best_of_k'] == 0 and m['copy']['best_of_k'] == 1 and m['all']['best_of_k'] == pytest.approx(1 / 3)
+    assert m['add']['random'] == pytest.approx(0.375) and m['all']['random'] == pytest.approx(1.75 / 3)
+    assert m['all']['oracle'] == 1
+
+
+# -----------------------------------------------------------------------------
+# the script learns a separable toy preference: replies made of animal words beat replies of colours
+
+ANIMALS, COLOURS = ['cat', 'dog', 'owl', 'fox', 'bee', 'cow'], ['red', 'blue', 'green', 'gold', 'pink', 'grey']
+
+
+def toy_prefs(n, seed):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        good = ' '.join(rng.choice(ANIMALS) for _ in range(rng.randint(1, 3)))
+        bad = ' '.join(rng.choice(COLOURS) for _ in range(rng.randint(1, 3)))
+        out.append({'prompt': f"Name some things, number {rng.randint(0, 99)}", 'chosen': good, 'rejected': bad})
+    return out
+
+
+@pytest.mark.parametrize('mode', [['--lora_rank=4', '--learning_rate=1e-2'], ['--lora_rank=0', '--learning_rate=1e-2']])
+def test_reward_model_learns_separable_preference(tmp_path, tok_meta, tokenizer, mode):
+    write_sft(tmp_path / 'sft', tok_meta)
+    write_jsonl(tmp_path / 'train.jsonl', toy_prefs(300, 0))
+    val = toy_prefs(100, 1)
+    write_jsonl(tmp_path / 'val.jsonl', val)
+    out = tmp_path / 'out'
+    run(['reward.py', f'--init_from={tmp_path / "sft"}', f'--out_dir={out}', f'--data={tmp_path / "train.jsonl"}',
+         f'--val_data={tmp_path / "val.jsonl"}', '--device=cpu', '--batch_size=16', '--max_iters=60',
+         '--warmup_iters=5', '--eval_interval=60', '--log_interval=10', '--rank_prompts=0', *mode])
+    records = read_metrics(out)
+    assert records[0]['eval'] == 'init' and records[0]['val_loss'] == pytest.approx(math.log(2))
+    final = records[-1]['final']
+    assert final['val_accuracy'] > 0.95 and final['val_margin'] > 0
+    # independently: the saved model, loaded the way ppo.py loads it, ranks the held-out pairs
+    rm, meta = load_reward_model(str(out / 'reward.pt'))
+    tok = M.load_tokenizer(meta['data_meta'])
+    rc = score(rm, tok, [p['prompt'] for p in val], [p['chosen'] for p in val])
+    rr = score(rm, tok, [p['prompt'] for p in val], [p['rejected'] for p in val])
+    assert (rc > rr).float().mean().item() == pytest.approx(final['val_accuracy'], abs=1e-6)
+    assert (rc - rr).mean().item() == pytest.approx(final['val_margin'], rel=1e-4, abs=1e-5)
+    one_by_one = torch.cat([score(rm, tok, [p['prompt']], [p['chosen']]) for p in val[:5]])
+    assert torch.allclose(one_by_one, rc[:5], atol=1e-5)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--lora_targets=attn,ffn'], 'lora_targets must name'),
+    (['--data=BADFILE'], '0 usable train'),
+])
+def test_reward_bad_input_fails_with_one_line_before_work(tmp_path, tok_meta, args, message):
+    write_sft(tmp_path / 'sft', tok_meta)
+    write_jsonl(tmp_path / 'bad.jsonl', ['{"prompt": "p", "chosen": "", "rejected": "x"}', '{"chosen": "a"}'])
+    args = [a.replace('BADFILE', str(tmp_path / 'bad.jsonl')) for a in args]
+    p = run(['reward.py', f'--init_from={tmp_path / "sft"}', f'--out_dir={tmp_path / "never"}', '--device=cpu',
+             *args], check=False)
+    assert message in error_line(p)
+    assert not (tmp_path / 'never').exists()
+
+
+# -----------------------------------------------------------------------------
+# HH-RLHF: whole transcripts that differ in the last assistant turn
+
+HH_EXPECTED = [
+    {'prompt': [{'role': 'user', 'content': 'What is the capital of France?'}],
+     'chosen': 'The capital of France is Paris.', 'rejected': "I don't know."},
+    {'prompt': [{'role': 'user', 'content': 'Can you help me bake bread?'},
+                {'role': 'assistant', 'content': 'Sure. Do you have yeast?'},
+                {'role': 'user', 'content': 'Yes, a packet.'}],
+     'chosen': 'Great: mix flour, water, salt and the yeast, knead, let it rise, then bake.',
+     'rejected': 'Buy some bread instead.'},
+    {'prompt': [{'role': 'user', 'content': "Translate 'caf\u00e9' to English."}],
+     'chosen': 'Coffee shop.\nIt can also mean coffee.', 'rejected': 'Tea.'},
+]
+HH_PROBLEMS = [(4, 'missing field rejected'), (5, 'chosen and rejected are identical'), (6, 'empty rejected'),
+               (7, 'chosen and rejected transcripts differ before the last Assistant turn'), (8, 'not JSON'),
+               (9, 'not an HH-RLHF transcript'), (10, 'a transcript does not end with an Assistant turn')]
+
+
+def check_hh(prefs, problems):
+    assert prefs == HH_EXPECTED
+    assert [n for n, _ in problems] == [n for n, _ in HH_PROBLEMS]
+    for (_, reason), (_, expected) in zip(problems, HH_PROBLEMS):
+        assert reason.startswith(expected)
+
+
+def test_hh_rlhf_plain_and_gzipped(tmp_path):
+    check_hh(*M.load_preferences(str(FIXTURE), str(tmp_path / 'cache')))
+    gz = tmp_path / 'train.jsonl.gz'
+    gz.write_bytes(gzip.compress(FIXTURE.read_bytes()))
+    check_hh(*M.load_preferences(str(gz), str(tmp_path / 'cache')))
+    plain_named_gz = tmp_path / 'plain.jsonl.gz'  # gzip is recognised by its bytes, not its name
+    shutil.copy(FIXTURE, plain_named_gz)
+    check_hh(*M.load_preferences(str(plain_named_gz), str(tmp_path / 'cache')))
+
+
+def test_hh_transcript_becomes_the_chat_format(tokenizer):
+    pref = HH_EXPECTED[1]
+    ids = M.preference_example(pref, tokenizer, 256)['chosen']
+    assert M.parse_chat(ids, tokenizer) == pref['prompt'] + [{'role': 'assistant', 'content': pref['chosen']}]
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A local HTTP server over a temporary folder: (folder, base url)."""
+    root = tmp_path / 'www'
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(QuietHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()
+
+
+def test_hh_rlhf_from_url_is_downloaded_once(http_server, tmp_path):
+    root, url = http_server
+    (root / 'helpful-base').mkdir()
+    (root / 'helpful-base' / 'train.jsonl.gz').write_bytes(gzip.compress(FIXTURE.read_bytes()))
+    cache = tmp_path / 'cache'
+    check_hh(*M.load_preferences(f'{url}/helpful-base/train.jsonl.gz', str(cache)))
+    assert len(list(cache.glob('*-train.jsonl.gz'))) == 1 and not list(cache.glob('*.part'))
+    shutil.rmtree(root / 'helpful-base')  # the second load comes from the cache
+    check_hh(*M.load_preferences(f'{url}/helpful-base/train.jsonl.gz', str(cache)))
+    with pytest.raises(RuntimeError, match='download of .* failed'):
+        M.load_preferences(f'{url}/missing.jsonl.gz', str(cache))
+    assert not list(cache.glob('missing*'))
+
+
+def test_our_format_and_hh_mixed_and_bad_records():
+    good = M.check_preference({'prompt': 'Hi', 'chosen': 'Hello', 'rejected': 'Go away', 'skill': 'x'})
+    assert good['prompt'] == [{'role': 'user', 'content': 'Hi'}] and good['skill'] == 'x'
+    for bad, reason in [({'prompt': 'Hi', 'chosen': 'a'}, 'missing field rejected'),
+                        ({'prompt': 'Hi', 'chosen': ' a ', 'rejected': 'a'}, 'identical'),
+                        ({'prompt': 'Hi', 'chosen': '', 'rejected': 'a'}, 'empty chosen'),
+                        ({'prompt': '  ', 'chosen': 'b', 'rejected': 'a'}, 'empty prompt'),
+                        ({'prompt': 'Hi', 'chosen': 3, 'rejected': 'a'}, 'chosen is not a string'),
+                        ({'prompt': [{'role': 'assistant', 'content': 'x'}], 'chosen': 'b', 'rejected': 'a'},
+                         'end with a user turn'),
+                        ({'prompt': [{'role': 'system', 'content': 'x'}], 'chosen': 'b', 'rejected': 'a'},
+                         'prompt is not'),
+                        (['a'], 'not a JSON object')]:
+        with pytest.raises(ValueError, match=reason):
+            M.check_preference(bad)
+
+
+# -----------------------------------------------------------------------------
+# prepare.py prefs: the supervised model's replies, gold-labelled
+
+def test_sample_replies_greedy_matches_generate(tokenizer):
+    m = tiny_gpt().eval()
+    prompts = ['Copy: cat dog', [{'role': 'user', 'content': 'Sort: 3 1 2'}]]
+    out = M.sample_replies(m, tokenizer, prompts, k=3, temperature=0, max_new_tokens=8, batch_size=4)
+    end = M.chat_ids(tokenizer)[2]
+    for p, replies in zip(prompts, out):
+        ids = M.render_prompt(p if isinstance(p, list) else [{'role': 'user', 'content': p}], tokenizer)
+        alone = tokenizer.decode(m.generate([ids], 8, temperature=0, stop_token=end, vocab_limit=tokenizer.n_vocab)[0])
+        assert replies == [alone] * 3
+        row = m.generate([ids], 8, temperature=0, stop_token=end, vocab_limit=tokenizer.n_vocab)[0]
+        flagged = M.sample_replies(m, tokenizer, [p], k=2, temperature=0, max_new_tokens=8, return_finished=True)
+        assert flagged == [[(alone, len(row) < 8)] * 2]  # finished: it emitted <|end|> within 8 tokens
+
+
+def test_prepare_prefs_keeps_correct_incorrect_pairs(tmp_path, tok_meta, monkeypatch):
+    import prepare
+    write_sft(tmp_path / 'sft', tok_meta)
+    monkeypatch.setattr(prepare, 'n_per_skill', 20)
+
+    def fake_sampler(model, tokenizer, prompts, k, temperature, generator=None, return_finished=False):
+        """copy: always right; add: never; the others: 2 distinct right replies, 2 distinct wrong ones, an
+        empty one and one cut off before <|end|> (neither may be a rejected reply)."""
+        assert return_finished
+        out = []
+        for p in prompts:
+            t = by_prompt[p]
+            if t['skill'] == 'copy':
+                out.append([(t['answer'], True)] * k)
+            elif t['skill'] == 'add':
+                out.append([('no idea', True)] * k)
+            else:
+                out.append([(t['answer'], True), (t['answer'] + ' ', True), ('wrong one', True), ('wrong one', True),
+                            ('', True), ('wrong two', True), ('rambling on and on', False)][:k])
+        return out
+
+    suite = M.make_task_suite(20, prepare.seed)
+    by_prompt = {t['prompt']: t for ts in suite.values() for t in ts}
+    monkeypatch.setattr(M, 'sample_replies', fake_sampler)
+    stats = prepare.prepare_prefs(str(tmp_path / 'data'), str(tmp_path / 'sft'), n_prompts=10, n_val_prompts=5,
+                                  k=7, max_pairs=3, temperature=1.0, device='cpu', seed=prepare.seed)
+    by_key = {t['key']: t for ts in suite.values() for t in ts}
+    for split, n in (('train', 2), ('val', 1)):  # prompts per skill
+        prefs, problems = M.load_preferences(str(tmp_path / 'data' / 'prefs' / f'{split}.jsonl'))
+        assert not problems
+        assert len(prefs) == 3 * n * 3  # sort, reverse, count: 2 right x 2 wrong = 4 pairs, 3 kept
+        for p in prefs:
+            t = by_key[p['key']]
+            assert p['skill'] in ('sort', 'reverse', 'count') and t in suite[split]
+            assert M.check_answer(t, p['chosen']) and not M.check_answer(t, p['rejected'])
+            assert p['rejected'] in ('wrong one', 'wrong two')  # never the empty or the unfinished reply
+            assert p['prompt'] == [{'role': 'user', 'content': t['prompt']}]
+        assert len({(p['key'], p['chosen'], p['rejected']) for p in prefs}) == len(prefs)  # no pair twice
+        s = stats[split]
+        assert s['copy'] == dict(prompts=n, replies=7 * n, correct=7 * n, empty=0, unfinished=0,
+                                 prompts_all_correct=n, prompts_none_correct=0, prompts_with_pairs=0, pairs=0)
+        assert s['add']['prompts_none_correct'] == n and s['add']['pairs'] == 0
+        assert s['sort'] == dict(prompts=n, replies=7 * n, correct=2 * n, empty=n, unfinished=n,
+                                 prompts_all_correct=0, prompts_none_correct=0, prompts_with_pairs=n, pairs=3 * n)
+        assert s['all']['pairs'] == 9 * n and s['all']['prompts'] == 5 * n
+    meta = json.loads((tmp_path / 'data' / 'prefs' / 'meta.json').read_text())
+    assert meta['stats'] == json.loads(json.dumps(stats)) and meta['samples_per_prompt'] == 7
+    assert not list((tmp_path / 'data' / 'prefs').glob('*.tmp'))
+
+
+def test_prepare_prefs_cli(tmp_path, tok_meta):
+    p = run(['prepare.py', 'prefs', f'--sft_dir={tmp_path / "nope"}', f'--data_dir={tmp_path}'], check=False)
+    assert 'no supervised model at' in error_line(p) and not (tmp_path / 'prefs').exists()
+    write_sft(tmp_path / 'sft', tok_meta)
+    run(['prepare.py', 'prefs', f'--sft_dir={tmp_path / "sft"}', f'--data_dir={tmp_path}', '--n_per_skill=10',
+         '--prefs_prompts=5', '--prefs_val_prompts=5', '--prefs_samples=2', '--device=cpu'])
+    meta = json.loads((tmp_path / 'prefs' / 'meta.json').read_text())
+    for split in ('train', 'val'):
+        assert meta['stats'][split]['all']['prompts'] == 5 and meta['stats'][split]['all']['replies'] == 10
+        assert (tmp_path / 'prefs' / f'{split}.jsonl').exists()

@@ -366,11 +366,11 @@ def prepare_prefs(data_dir, sft_dir, n_prompts, n_val_prompts, k, max_pairs, tem
         total = {key: sum(s[key] for s in stats[split].values()) for key in next(iter(stats[split].values()), {})}
         stats[split]['all'] = total
         write_text_atomic(os.path.join(out_dir, f'{split}.jsonl'), ''.join(json.dumps(r) + '\n' for r in records))
-        print(f"{split}: {'skill':>8} {'prompts':>7} {'replies':>7} {'correct':>7} {'all ok':>6} {'none ok':>7} "
-              f"{'pairs':>6}")
+        print(f"{split}: {'skill':>8} {'prompts':>7} {'replies':>7} {'correct':>7} {'cut off':>7} {'all ok':>6} "
+              f"{'none ok':>7} {'pairs':>6}")
         for skill, s in stats[split].items():
             print(f"{'':>{len(split) + 1}} {skill:>8} {s['prompts']:>7} {s['replies']:>7} "
-                  f"{s['correct'] / max(1, s['replies']):>7.0%} {s['prompts_all_correct']:>6} "
+                  f"{s['correct'] / max(1, s['replies']):>7.0%} {s['unfinished']:>7} {s['prompts_all_correct']:>6} "
                   f"{s['prompts_none_correct']:>7} {s['pairs']:>6}")
     meta = dict(sft_model=os.path.abspath(path), samples_per_prompt=k, max_pairs_per_prompt=max_pairs,
                 temperature=temperature, seed=seed, stats=stats)

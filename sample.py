@@ -66,9 +66,11 @@ if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
 # the model and its tokenizer
 try:
     if init_from == 'resume':
-        ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-        if not os.path.exists(ckpt_path):
-            fail(f"no checkpoint at {ckpt_path}: train one with train.py, or pass --init_from=gpt2")
+        # ckpt.pt: a training checkpoint (train.py, finetune_lora.py, ppo.py); model.pt: a merged export
+        names = [n for n in ('ckpt.pt', 'model.pt') if os.path.exists(os.path.join(out_dir, n))]
+        if not names:
+            fail(f"no checkpoint (ckpt.pt or model.pt) in {out_dir}: train one with train.py, or pass --init_from=gpt2")
+        ckpt_path = os.path.join(out_dir, names[0])
         model, meta = model_from_checkpoint(ckpt_path, device)
         tokenizer = load_tokenizer(meta['data_meta'])
     else:

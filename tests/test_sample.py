@@ -84,7 +84,7 @@ def is_utf8(b):
 
 
 @pytest.mark.parametrize('args,expected', [
-    (['--out_dir=MISSING'], 'no checkpoint at'),
+    (['--out_dir=MISSING'], 'no checkpoint (ckpt.pt or model.pt)'),
     (['--start=FILE:MISSING/prompt.txt'], 'cannot read the prompt file'),
     (['--start=\u00c6sop'], 'not in the vocabulary'),
     (['--num_samples=0'], 'num_samples must be at least 1'),

@@ -14,7 +14,7 @@ from the reference.
 
     python prepare.py prefs --sft_dir=out-sft      # pairs of the SFT model's own replies, gold-labelled
     python dpo.py config/dpo_tasks.py              # LoRA: the reference is the same network, adapters off
-    python dpo.py config/dpo_tasks.py --lora_rank=0 --learning_rate=1e-5   # full: a frozen copy is the reference
+    python dpo.py config/dpo_tasks.py --lora_rank=0 --learning_rate=1e-4   # full: a frozen copy is the reference
     python dpo.py --data=PATH_OR_URL/train.jsonl.gz --val_data=.../test.jsonl.gz   # HH-RLHF
 
 Logs loss, implicit-reward accuracy and margin, chosen and rejected rewards on held-out pairs, and an
@@ -318,10 +318,10 @@ if __name__ == '__main__':
         merged.load_state_dict(sd)
         if lora:
             merge_lora(merged)
+        base = dict(init_from=sft_path, **{k: v for k, v in sft_meta.items() if k not in ('model_args', 'data_meta')})
         save_checkpoint(os.path.join(out_dir, 'model.pt'), {'model': merged.state_dict()},
                         dict(model_args=merged.config.__dict__, data_meta=data_meta, dpo=config, lora=None,
-                             iter_num=iter_num, base=dict(init_from=sft_path, **{k: v for k, v in sft_meta.items()
-                                                                                if k not in ('model_args', 'data_meta')})))
+                             iter_num=iter_num, base=base))
 
     # -------------------------------------------------------------------------
     if master_process:
@@ -368,7 +368,8 @@ if __name__ == '__main__':
                 fail(f"loss is NaN or inf at iteration {iter_num}")
             if master_process:
                 print(f"iter {iter_num}: loss {loss_f:.4f}, reward accuracy {acc:.1%}, margin {margin:.3f} "
-                      f"(chosen {rc:.3f}, rejected {rr:.3f}), lr {lr:.2e}, {(time.time() - t_log) / n * 1000:.0f} ms/iter")
+                      f"(chosen {rc:.3f}, rejected {rr:.3f}), lr {lr:.2e}, "
+                      f"{(time.time() - t_log) / n * 1000:.0f} ms/iter")
                 log({'iter': iter_num, 'loss': loss_f, 'reward_accuracy': acc, 'margin': margin,
                      'chosen_reward': rc, 'rejected_reward': rr, 'lr': lr})
             sums.zero_()

@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (GPT, GPTConfig, apply_lora, chat_ids, check_answer, clean_state_dict, encode_preferences,
-                   get_lr, load_checkpoint, load_tokenizer, merge_lora, model_from_checkpoint, pad_batch,
-                   preference_batch, preference_splits, render_prompt, sample_replies, save_checkpoint)
+from model import (SKILLS, GPT, GPTConfig, apply_lora, chat_ids, check_answer, clean_state_dict,
+                   encode_preferences, get_lr, load_checkpoint, load_tokenizer, merge_lora, model_from_checkpoint,
+                   pad_batch, preference_batch, preference_splits, render_prompt, sample_replies, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt)
@@ -156,9 +156,10 @@ def ranking_metrics(tasks, replies, rewards):
             m['random'] += sum(ok) / len(ok)
             m['oracle'] += any(ok)
             m['prompts'] += 1
-    return {k: dict(auc=m['right'] / m['pairs'] if m['pairs'] else None, pairs=m['pairs'],
-                    best_of_k=m['best'] / m['prompts'], random=m['random'] / m['prompts'],
-                    oracle=m['oracle'] / m['prompts']) for k, m in per.items()}
+    order = [s for s in SKILLS if s in per] + [k for k in per if k not in SKILLS and k != 'all'] + ['all']
+    return {k: dict(auc=per[k]['right'] / per[k]['pairs'] if per[k]['pairs'] else None, pairs=per[k]['pairs'],
+                    best_of_k=per[k]['best'] / per[k]['prompts'], random=per[k]['random'] / per[k]['prompts'],
+                    oracle=per[k]['oracle'] / per[k]['prompts']) for k in order if k in per}
 
 
 if __name__ == '__main__':
@@ -296,7 +297,7 @@ if __name__ == '__main__':
         skills = [e['skill'] for e in val_data_ex]
         if all(isinstance(s, str) for s in skills):
             result['val_accuracy_per_skill'] = {s: (rc > rr)[[k == s for k in skills]].float().mean().item()
-                                                for s in dict.fromkeys(skills)}
+                                                for s in sorted(set(skills), key=lambda s: (SKILLS + (s,)).index(s))}
         text = f"val loss {result['val_loss']:.4f}, pair accuracy {result['val_accuracy']:.1%}, " \
                f"margin {result['val_margin']:.3f}"
         if rank and rank_tasks:
@@ -340,7 +341,8 @@ if __name__ == '__main__':
         for group in optimizer.param_groups:
             group['lr'] = lr
         for micro_step in range(accum_steps):
-            idx, _, lengths = get_batch(train_data, np.random.default_rng([seed, iter_num, ddp_rank * accum_steps + micro_step]))
+            rng = np.random.default_rng([seed, iter_num, ddp_rank * accum_steps + micro_step])
+            idx, _, lengths = get_batch(train_data, rng)
             if ddp:
                 model.require_backward_grad_sync = (micro_step == accum_steps - 1)
             with ctx:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import model as M
-from conftest import ROOT, error_line, read_metrics, run
+from conftest import error_line, read_metrics, run
 from reward import RewardModel, load_reward_model, ranking_metrics, reply_ids, reward_loss, score, score_ids
 from test_dpo import tiny_gpt, tiny_tokenizer_meta, write_jsonl, write_sft
 
@@ -65,7 +65,7 @@ def test_reward_head_starts_at_zero_so_first_loss_is_log2():
 
 def test_reward_loss_is_bradley_terry():
     g = torch.Generator().manual_seed(0)
-    rc, rr = torch.randn(12, generator=g, dtype=torch.float64) * 3, torch.randn(12, generator=g, dtype=torch.float64) * 3
+    rc, rr = (torch.randn(12, generator=g, dtype=torch.float64) * 3 for _ in range(2))
     ref = sum(-math.log(1 / (1 + math.exp(-(c - r)))) for c, r in zip(rc.tolist(), rr.tolist())) / 12
     assert reward_loss(rc, rr).item() == pytest.approx(ref, rel=1e-9)
 

@@ -3,7 +3,7 @@ RLHF with PPO (Schulman et al. 2017) and a KL penalty, as in Ziegler et al. 2019
 (Ouyang et al. 2022). Each iteration:
 
   1. rollouts: the policy (it starts as the supervised model) samples a reply to each of a batch of prompts
-     (temperature 1, KV cache, stop at <|end|>);
+     (KV cache, stop at <|end|>; at `temperature`, which then is part of the policy's definition);
   2. reward: the reward model scores each whole reply (reward.py), or with reward='gold' the task suite's
      checker does (1 if correct, else 0). Every reply token t also gets -beta * (log pi(y_t) - log ref(y_t)):
      the KL penalty that keeps the policy near the frozen supervised model ("ref"), whose text the reward
@@ -66,6 +66,9 @@ data_dir = 'data'
 # rollouts
 batch_size = 64              # rollouts (prompts, one reply each) per iteration, per process
 max_new_tokens = 16          # a reply that has not said <|end|> by then is cut (and scored as it is)
+temperature = 1.0            # the policy PPO trains is softmax(logits / temperature): rollouts sample from it
+                             # and every log-prob (ratio, KL, entropy) is taken from it, so the math is exact.
+                             # Below 1 the rollouts sit nearer the greedy reply that evaluation uses
 # the KL penalty
 kl_coef = 0.05               # beta (its start value with the adaptive controller); 0: no penalty
 kl_target = 0.0              # > 0: adapt beta so that the KL (nats per reply) approaches this
@@ -203,10 +206,11 @@ class KLController:
 # -----------------------------------------------------------------------------
 # The models
 
-def logprobs_and_entropy(model, idx, vocab_limit=None):
+def logprobs_and_entropy(model, idx, vocab_limit=None, temperature=1.0):
     """log pi(idx[:, t+1] | idx[:, :t+1]) and the entropy of pi(. | idx[:, :t+1]) for every t: (B, T-1) each.
-    vocab_limit: the distribution over the first vocab_limit tokens only, the one sampling draws from."""
-    logits = model.lm_head(model.hidden_states(idx[:, :-1])).float()
+    vocab_limit: the distribution over the first vocab_limit tokens only, the one sampling draws from;
+    temperature: pi = softmax(logits / temperature), the distribution sampling draws from."""
+    logits = model.lm_head(model.hidden_states(idx[:, :-1])).float() / temperature
     if vocab_limit is not None:
         logits = logits[..., :vocab_limit]
     logp_all = F.log_softmax(logits, dim=-1)
@@ -218,12 +222,12 @@ def logprobs_and_entropy(model, idx, vocab_limit=None):
 class PolicyLogprobs(nn.Module):
     """logprobs_and_entropy as a module, so that DDP can wrap it."""
 
-    def __init__(self, gpt, vocab_limit=None):
+    def __init__(self, gpt, vocab_limit=None, temperature=1.0):
         super().__init__()
-        self.gpt, self.vocab_limit = gpt, vocab_limit
+        self.gpt, self.vocab_limit, self.temperature = gpt, vocab_limit, temperature
 
     def forward(self, idx):
-        return logprobs_and_entropy(self.gpt, idx, self.vocab_limit)
+        return logprobs_and_entropy(self.gpt, idx, self.vocab_limit, self.temperature)
 
 
 class ValueModel(nn.Module):
@@ -242,18 +246,18 @@ class ValueModel(nn.Module):
 
 
 @torch.no_grad()
-def reference_logprobs(policy, ref_model, idx, vocab_limit=None):
-    """Log-probs under the frozen supervised model: ref_model if there is one (full training), else the
-    policy with its LoRA adapters switched off."""
+def reference_logprobs(policy, ref_model, idx, vocab_limit=None, temperature=1.0):
+    """Log-probs under the frozen supervised model (at the same temperature as the policy): ref_model if there
+    is one (full training), else the policy with its LoRA adapters switched off."""
     if ref_model is not None:
-        return logprobs_and_entropy(ref_model, idx, vocab_limit)[0]
+        return logprobs_and_entropy(ref_model, idx, vocab_limit, temperature)[0]
     with lora_disabled(policy):
-        return logprobs_and_entropy(policy, idx, vocab_limit)[0]
+        return logprobs_and_entropy(policy, idx, vocab_limit, temperature)[0]
 
 
 @torch.no_grad()
-def rollout(policy, prompts, max_new_tokens, end_token, generator=None, vocab_limit=None):
-    """One reply per prompt (lists of token ids) sampled at temperature 1 with the KV cache, stopping at
+def rollout(policy, prompts, max_new_tokens, end_token, generator=None, vocab_limit=None, temperature=1.0):
+    """One reply per prompt (lists of token ids) sampled at `temperature` with the KV cache, stopping at
     end_token; the batch PPO trains on:
       idx (B, T): prompt + reply (+ end_token if it stopped), right-padded with 0
       mask (B, T-1): True at t where idx[:, t+1] is a reply token: the actions
@@ -262,7 +266,7 @@ def rollout(policy, prompts, max_new_tokens, end_token, generator=None, vocab_li
     was_training = policy.training
     policy.eval()
     device = policy.lm_head.weight.device
-    replies = policy.generate(prompts, max_new_tokens, temperature=1.0, stop_token=end_token,
+    replies = policy.generate(prompts, max_new_tokens, temperature=temperature, stop_token=end_token,
                               generator=generator, vocab_limit=vocab_limit)
     seqs, masks, ended = [], [], []
     for p, r in zip(prompts, replies):
@@ -273,7 +277,7 @@ def rollout(policy, prompts, max_new_tokens, end_token, generator=None, vocab_li
         ended.append(stopped)
     idx = pad_batch(seqs, 0, device)
     mask = pad_batch(masks, 0, device).bool()
-    logprobs, entropy = logprobs_and_entropy(policy, idx, vocab_limit)
+    logprobs, entropy = logprobs_and_entropy(policy, idx, vocab_limit, temperature)
     policy.train(was_training)
     return dict(idx=idx, mask=mask, logprobs=logprobs, entropy=entropy, replies=replies, ended=ended,
                 lengths=[len(s) for s in seqs])
@@ -423,6 +427,8 @@ if __name__ == '__main__':
         fail(f"minibatch_size must divide batch_size; got {minibatch_size} and {batch_size}")
     if ppo_epochs < 1 or max_iters < 0 or max_new_tokens < 1 or not 0 < clip_range < 1 or clip_range_value <= 0:
         fail("need ppo_epochs >= 1, max_iters >= 0, max_new_tokens >= 1, 0 < clip_range < 1, clip_range_value > 0")
+    if temperature <= 0:
+        fail(f"temperature must be > 0, got {temperature}")
     if not (0 <= gamma <= 1 and 0 <= lam <= 1):
         fail(f"gamma and lam must be in [0, 1]; got {gamma} and {lam}")
     if lora_rank < 0 or (lora_rank > 0 and (not targets or set(targets) - {'attn', 'proj', 'mlp_in', 'mlp_out'})):
@@ -532,7 +538,7 @@ if __name__ == '__main__':
     value_model.to(device)
 
     # the policy's distribution is over the tokens sampling may draw, everywhere: ratio, KL and entropy
-    policy_module = PolicyLogprobs(policy, vocab_limit)
+    policy_module = PolicyLogprobs(policy, vocab_limit, temperature)
 
     def score_rollouts(batch_prompts, ro):
         """The reward model's (normalised) score of each whole reply, read at its <|end|>, and whether the
@@ -662,7 +668,7 @@ if __name__ == '__main__':
         gen = torch.Generator(device).manual_seed(int(rng.integers(2**62)))
         with ctx:
             ro = rollout(policy, [encode_prompt(r['prompt']) for r in batch_prompts], max_new_tokens, end_token,
-                         gen, vocab_limit)
+                         gen, vocab_limit, temperature)
         t_rollout = time.time() - t_iter
         idx, mask = ro['idx'], ro['mask'].float()
         texts, gold, rm_scores = score_rollouts(batch_prompts, ro)
@@ -671,7 +677,7 @@ if __name__ == '__main__':
         # 2. per-token rewards, values, advantages (no gradient: these are the targets)
         with torch.no_grad(), ctx:
             old_logprobs = ro['logprobs']
-            ref_logprobs = reference_logprobs(policy, ref_model, idx, vocab_limit).float()
+            ref_logprobs = reference_logprobs(policy, ref_model, idx, vocab_limit, temperature).float()
             old_values = value_model(idx[:, :-1]).float()
         beta = kl_ctl.value
         rewards = token_rewards(scores, old_logprobs, ref_logprobs, mask, beta)

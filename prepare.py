@@ -264,8 +264,13 @@ def prepare_chat_base(data_dir, input, url, vocab_size, seed):
     shakespeare = input or os.path.join(out_dir, 'shakespeare.txt')
     if not input and not os.path.exists(shakespeare):
         fetch_tinyshakespeare(shakespeare, url, 'shakespeare_tasks', data_dir)
-    with open(shakespeare, encoding='utf-8') as f:
-        paragraphs = f.read().split('\n\n')
+    try:
+        with open(shakespeare, encoding='utf-8') as f:
+            paragraphs = f.read().split('\n\n')
+    except UnicodeDecodeError as e:
+        fail(f"{shakespeare} is not UTF-8 text ({e.reason} at byte {e.start})")
+    if not any(p.strip() for p in paragraphs):
+        fail(f"{shakespeare} is empty")
     task_path = os.path.join(data_dir, 'tasks', 'train.jsonl')
     if not os.path.exists(task_path):
         prepare_tasks(data_dir, n_per_skill, seed)

@@ -224,6 +224,24 @@ def test_rollout_with_vocab_limit_samples_and_scores_the_limited_distribution():
     assert torch.allclose(ro['entropy'], -(p * p.log()).sum(-1), atol=1e-4)
 
 
+def test_rollout_at_a_temperature_scores_the_tempered_distribution_it_samples():
+    """With temperature T the policy is softmax(logits / T): the rollout draws the generator's tokens at T,
+    and its log-probs, entropy and the reference's log-probs are all of the tempered distributions."""
+    policy = tiny_gpt(seed=4).eval()
+    prompts = [[1, 2, 3], [4, 5]] * 4
+    ro = rollout(policy, prompts, 10, end_token=250, generator=torch.Generator().manual_seed(0), temperature=0.5)
+    again = policy.generate(prompts, 10, temperature=0.5, stop_token=250, generator=torch.Generator().manual_seed(0))
+    assert ro['replies'] == again
+    with torch.no_grad():
+        logits = policy.lm_head(policy.hidden_states(ro['idx'][:, :-1])) / 0.5
+    expected = torch.log_softmax(logits, -1).gather(2, ro['idx'][:, 1:, None]).squeeze(-1)
+    assert torch.allclose(ro['logprobs'], expected, atol=1e-5)
+    p = torch.softmax(logits, -1)
+    assert torch.allclose(ro['entropy'], -(p * p.log()).sum(-1), atol=1e-4)
+    ref = reference_logprobs(policy, copy.deepcopy(policy), ro['idx'], temperature=0.5)
+    assert torch.allclose(ref, expected, atol=1e-5)
+
+
 def test_value_model_loads_a_reward_model_and_reads_every_position():
     from reward import RewardModel, score_ids
     rm = RewardModel(tiny_gpt(seed=2)).eval()

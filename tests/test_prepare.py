@@ -247,3 +247,12 @@ def test_bad_arguments(args, expected, tmp_path):
     p = run(['prepare.py', *args, f'--data_dir={data}', '--url=http://127.0.0.1:9/input.txt'], check=False)
     assert expected in error_line(p)
     assert not data.exists()
+
+
+@pytest.mark.parametrize('content, message', [(b'', 'is empty'), (b'\xff\xfe\x00bad', 'is not UTF-8 text')])
+def test_chat_base_corpus_refuses_an_empty_or_binary_input(tmp_path, content, message):
+    bad = tmp_path / 'input.txt'
+    bad.write_bytes(content)
+    p = run(['prepare.py', 'shakespeare_tasks', f'--input={bad}', f'--data_dir={tmp_path / "data"}'], check=False)
+    assert message in error_line(p)
+    assert not (tmp_path / 'data' / 'shakespeare_tasks' / 'train.bin').exists()

@@ -1,0 +1,123 @@
+"""pipeline.py: the whole recipe end to end (the integration test), skipping and restarting stages."""
+import json
+import math
+
+import pytest
+
+from conftest import SHAKESPEARE, error_line, run
+
+STAGE_DIRS = {'data': 'data/tasks', 'pretrain': 'pretrain', 'sft': 'sft', 'prefs': 'data/prefs', 'reward': 'reward',
+              'dpo': 'dpo', 'ppo': 'ppo', 'report': 'report'}
+
+
+def pipeline(run_dir, *extra, check=True):
+    # two threads: the stages run one at a time, and pretraining is most of the time
+    return run(['pipeline.py', '--profile=ci', f'--input={SHAKESPEARE}', f'--out_dir={run_dir}', *extra],
+               check=check, timeout=1200, env={'OMP_NUM_THREADS': '2'})
+
+
+@pytest.fixture(scope='module')
+def ci_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp('pipeline')
+    p = pipeline(run_dir)
+    with open(run_dir / 'report.json') as f:
+        return run_dir, json.load(f), p.stdout
+
+
+def test_every_stage_ran_and_wrote_its_outputs(ci_run):
+    run_dir, card, _ = ci_run
+    for stage, folder in STAGE_DIRS.items():
+        assert (run_dir / folder / 'done.json').exists(), stage
+    for path in ('pretrain/ckpt.pt', 'sft/model.pt', 'sft/adapter.pt', 'reward/reward.pt', 'dpo/model.pt',
+                 'ppo/model.pt', 'data/prefs/train.jsonl', 'data/shakespeare_tasks/tokenizer.model', 'report.md'):
+        assert (run_dir / path).exists(), path
+    for stage in ('data', 'pretrain', 'sft', 'prefs', 'reward', 'dpo', 'ppo'):
+        assert (run_dir / 'logs' / f'{stage}.log').read_text().startswith('$ python'), stage
+    report = (run_dir / 'report.md').read_text()
+    for row in ('| data |', '| pretrain |', '| sft |', '| prefs |', '| reward |', '| dpo |', '| ppo |',
+                '| base |', '| SFT |', '| DPO |', '| PPO |', 'bits/char', 'bytes/token', 'KL to SFT'):
+        assert row in report, row
+    assert set(card['accuracy']) == {'base', 'SFT', 'DPO', 'PPO'}
+    assert card['n_test'] > 0
+
+
+def test_each_stage_beats_the_one_before(ci_run):
+    """The recipe's claims, measured by the report's own evaluation on held-out prompts and pairs.
+    Gold accuracy of DPO and PPO over SFT is printed in the report but not asserted: at this scale neither
+    raises it reliably (README: results). Each is held to its own objective instead: DPO ranks held-out
+    pairs as the labels do, and PPO raises the reward model's score of its greedy replies above the SFT
+    model's while its KL to the SFT model stays bounded."""
+    _, card, _ = ci_run
+    acc = {name: a['all'] for name, a in card['accuracy'].items()}
+    # the tokenizer compresses held-out text; pretraining beats a uniform guess over the vocabulary by far
+    assert card['tokenizer']['bytes_per_token'] > 1.5
+    assert card['pretrain']['val_loss'] < 0.7 * math.log(card['tokenizer']['vocab_size'])
+    # fine-tuning teaches the base (which never saw a chat) to answer
+    assert acc['base'] == 0 and acc['SFT'] > 0.03, acc
+    # the reward model ranks held-out pairs better than chance, and prefers SFT's replies to the base's
+    assert card['reward']['pair_accuracy'] > 0.55
+    assert card['rm_score']['SFT'] > card['rm_score']['base']
+    # DPO: its implicit reward ranks held-out pairs better than chance
+    assert card['dpo']['reward_accuracy'] > 0.55
+    # PPO: what it maximises went up, on held-out prompts, within a bounded distance of the SFT model
+    assert card['rm_score']['PPO'] > card['rm_score']['SFT'] + 0.1, card['rm_score']
+    assert 0 < card['dpo']['kl'] < 10 and 0 < card['ppo']['kl'] < 10
+
+
+def test_rerun_skips_finished_stages_and_force_reruns_from_a_stage(ci_run):
+    run_dir, card, _ = ci_run
+    ckpt = run_dir / 'pretrain' / 'ckpt.pt'
+    stamp = ckpt.stat().st_mtime_ns
+    p = pipeline(run_dir)
+    assert p.stdout.count('); skipped') == len(STAGE_DIRS)
+    assert ckpt.stat().st_mtime_ns == stamp
+    # an interrupted stage: its marker is missing and it left a half-written file behind
+    (run_dir / 'report' / 'done.json').unlink()
+    (run_dir / 'report' / 'half-written.tmp').write_text('x')
+    p = pipeline(run_dir)
+    assert p.stdout.count('); skipped') == len(STAGE_DIRS) - 1
+    assert not (run_dir / 'report' / 'half-written.tmp').exists()
+    assert (run_dir / 'report' / 'done.json').exists()
+    assert ckpt.stat().st_mtime_ns == stamp
+    with open(run_dir / 'report.json') as f:
+        assert json.load(f)['accuracy'] == card['accuracy']  # the same models, evaluated again: same numbers
+    p = pipeline(run_dir, '--force=report')
+    assert p.stdout.count('); skipped') == len(STAGE_DIRS) - 1
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--profile=huge'], "unknown profile 'huge'"),
+    (['--force=nope'], "unknown stage 'nope'"),
+    (['--input=/no/such/file.txt'], 'input not found'),
+    (['--device=cpu', '--bogus=1'], 'bogus'),
+])
+def test_bad_arguments_fail_before_any_work(tmp_path, args, message):
+    run_dir = tmp_path / 'run'
+    p = run(['pipeline.py', f'--out_dir={run_dir}', *args], check=False)
+    assert p.returncode != 0
+    assert message in error_line(p)
+    assert not run_dir.exists()
+
+
+def test_a_failing_stage_stops_the_run_and_keeps_earlier_stages(tmp_path):
+    """A stage that fails (here: prepare.py on an empty input) exits non-zero with its log named."""
+    empty = tmp_path / 'empty.txt'
+    empty.write_text('')
+    run_dir = tmp_path / 'run'
+    p = run(['pipeline.py', '--profile=ci', f'--input={empty}', f'--out_dir={run_dir}'], check=False)
+    assert p.returncode != 0
+    assert 'stage data failed' in error_line(p) and 'logs/data.log' in error_line(p)
+    assert not (run_dir / 'pretrain').exists()
+
+
+def test_loss_curves_are_drawn_only_when_matplotlib_is_installed(ci_run, tmp_path, monkeypatch):
+    import sys
+    import pipeline
+    run_dir, _, _ = ci_run
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, 'matplotlib', None)  # as if it were not installed: import raises ImportError
+        assert pipeline.curves_png(str(run_dir), str(tmp_path / 'none.png')) is False
+    assert not (tmp_path / 'none.png').exists()
+    pytest.importorskip('matplotlib')  # optional dependency: CI does not install it
+    assert pipeline.curves_png(str(run_dir), str(tmp_path / 'curves.png')) is True
+    assert (tmp_path / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

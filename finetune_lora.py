@@ -19,16 +19,15 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (GPT, GPTConfig, apply_lora, chat_ids, clean_state_dict, get_lr, gold_accuracy,
-                   load_checkpoint, load_tokenizer, lora_state_dict, merge_lora, model_from_checkpoint,
-                   render_chat, save_checkpoint, train_token_rows, download, chat_example)
+from model import (GPT, GPTConfig, apply_lora, chat_ids, clean_state_dict, get_lr, gold_accuracy, load_checkpoint,
+                   load_tokenizer, lora_state_dict, merge_lora, model_from_checkpoint, render_chat, save_checkpoint,
+                   train_token_rows, download, chat_example, setup_device)
 
 # -----------------------------------------------------------------------------
 init_from = 'out-chat-base'  # a train.py out_dir, a GPT-2 name / local HF directory, or 'resume' (out_dir)
@@ -82,28 +81,12 @@ if lora_rank > 0 and (not targets or set(targets) - {'attn', 'proj', 'mlp_in', '
     fail(f"lora_targets must name some of attn, proj, mlp_in, mlp_out; got '{lora_targets}'")
 
 # -----------------------------------------------------------------------------
-# processes, devices, precision (as in train.py)
-ddp = int(os.environ.get('RANK', -1)) != -1
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
-if ddp:
-    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
-    ddp_rank, ddp_world_size = dist.get_rank(), dist.get_world_size()
-    if device_type == 'cuda':
-        device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
-        torch.cuda.set_device(device)
-    if gradient_accumulation_steps % ddp_world_size:
-        fail(f"gradient_accumulation_steps must divide by the {ddp_world_size} processes")
-else:
-    ddp_rank, ddp_world_size = 0, 1
+# processes, devices, precision (model.setup_device; train.py spells the same steps out)
+ddp, ddp_rank, ddp_world_size, device, device_type, dtype, ctx = setup_device(device, dtype)
+if gradient_accumulation_steps % ddp_world_size:
+    fail(f"gradient_accumulation_steps must divide by the {ddp_world_size} processes")
 master_process = ddp_rank == 0
 accum_steps = gradient_accumulation_steps // ddp_world_size
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
-torch.backends.cuda.matmul.allow_tf32 = True
 
 # -----------------------------------------------------------------------------
 # the base model and its tokenizer

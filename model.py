@@ -13,7 +13,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -388,6 +388,36 @@ class GPT(nn.Module):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's dense bf16 peak (None if unknown)."""
         peak = peak_flops(device)
         return None if peak is None else self.flops_per_token() * tokens_per_second / peak
+
+
+def setup_device(device='auto', dtype='auto'):
+    """Processes, device and precision, as train.py sets them up step by step; finetune_lora.py, reward.py,
+    dpo.py and ppo.py call this. Launched by torchrun (RANK is set), this process joins the group (NCCL on
+    CUDA, gloo on CPU) and takes its own GPU. dtype 'auto': bf16 on GPUs that have it, else fp16 there, fp32
+    elsewhere; ctx runs forward passes in it (autocast) and is a no-op in fp32.
+    Returns (ddp, rank, world_size, device, device_type, dtype, ctx)."""
+    from contextlib import nullcontext
+    import torch.distributed as dist
+    if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):  # a script-setup helper: fail like the scripts do
+        sys.exit(f"error: dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+    rank, world_size = 0, 1
+    if ddp:
+        dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        if device_type == 'cuda':
+            device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
+            torch.cuda.set_device(device)
+    if dtype == 'auto':
+        dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls for what stays in fp32
+    torch.backends.cudnn.allow_tf32 = True
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+    return ddp, rank, world_size, device, device_type, dtype, ctx
 
 
 def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):

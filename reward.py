@@ -21,16 +21,15 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (SKILLS, GPT, GPTConfig, apply_lora, chat_ids, check_answer, clean_state_dict,
-                   encode_preferences, get_lr, load_checkpoint, load_tokenizer, merge_lora, model_from_checkpoint,
-                   pad_batch, preference_batch, preference_splits, render_prompt, sample_replies, save_checkpoint)
+from model import (SKILLS, GPT, GPTConfig, apply_lora, chat_ids, check_answer, clean_state_dict, encode_preferences,
+                   get_lr, load_checkpoint, load_tokenizer, merge_lora, model_from_checkpoint, pad_batch,
+                   preference_batch, preference_splits, render_prompt, sample_replies, save_checkpoint, setup_device)
 
 # -----------------------------------------------------------------------------
 init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt)
@@ -190,27 +189,12 @@ if __name__ == '__main__':
         fail(str(e))
 
     # -------------------------------------------------------------------------
-    # processes, devices, precision (as in finetune_lora.py)
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
-    if ddp:
-        dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
-        ddp_rank, ddp_world_size = dist.get_rank(), dist.get_world_size()
-        if device_type == 'cuda':
-            device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
-            torch.cuda.set_device(device)
-        if gradient_accumulation_steps % ddp_world_size:
-            fail(f"gradient_accumulation_steps must divide by the {ddp_world_size} processes")
-    else:
-        ddp_rank, ddp_world_size = 0, 1
+    # processes, devices, precision (model.setup_device; train.py spells the same steps out)
+    ddp, ddp_rank, ddp_world_size, device, device_type, dtype, ctx = setup_device(device, dtype)
+    if gradient_accumulation_steps % ddp_world_size:
+        fail(f"gradient_accumulation_steps must divide by the {ddp_world_size} processes")
     master_process = ddp_rank == 0
     accum_steps = gradient_accumulation_steps // ddp_world_size
-    if dtype == 'auto':
-        dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
     torch.manual_seed(seed)
 
     # -------------------------------------------------------------------------

@@ -275,3 +275,15 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     assert (grads[0] - grads[1]).abs().max() < 1e-6
+
+
+def test_setup_device_on_one_cpu_process_and_a_bad_dtype():
+    import contextlib
+    ddp, rank, world, device, device_type, dtype, ctx = M.setup_device('cpu', 'auto')
+    assert (ddp, rank, world, device, device_type, dtype) == (False, 0, 1, 'cpu', 'cpu', 'float32')
+    assert isinstance(ctx, contextlib.nullcontext)  # fp32: no autocast
+    ctx = M.setup_device('cpu', 'bfloat16')[-1]
+    with ctx:
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with pytest.raises(SystemExit, match="dtype must be auto"):
+        M.setup_device('cpu', 'fp8')

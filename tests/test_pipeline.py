@@ -121,3 +121,19 @@ def test_loss_curves_are_drawn_only_when_matplotlib_is_installed(ci_run, tmp_pat
     pytest.importorskip('matplotlib')  # optional dependency: CI does not install it
     assert pipeline.curves_png(str(run_dir), str(tmp_path / 'curves.png')) is True
     assert (tmp_path / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_every_profile_passes_only_settings_its_scripts_have():
+    """The gpu profile cannot run on a CPU machine: at least each of its --key=value arguments (and every
+    other profile's) must name a config global of the script that stage runs, or that script would refuse."""
+    import re
+    import pipeline
+    from conftest import ROOT
+    commands = pipeline.stage_commands('RUN', 'DATA')
+    for profile, stages in pipeline.PROFILES.items():
+        assert set(stages) == set(pipeline.STAGES) - {'report'}, profile
+        for stage, args in stages.items():
+            script = (ROOT / commands[stage][0][0]).read_text()
+            for arg in args:
+                key = arg[2:].split('=')[0]
+                assert re.search(rf'^\s*{key} = ', script, re.M), (profile, stage, key)

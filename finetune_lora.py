@@ -419,4 +419,5 @@ if master_process:
           + (f", peak memory {summary['peak_memory_mb']:.0f} MiB" if summary['peak_memory_mb'] else ''))
     log({'summary': summary, 'before': before, 'after': after})
 if ddp:
+    dist.barrier()  # every process done before the group goes (see train.py)
     dist.destroy_process_group()

@@ -63,7 +63,11 @@ prompts = 'tasks'            # 'tasks': data_dir/tasks/train.jsonl; or a JSONL f
                              # [messages], "answer": str (optional; needed for gold), "skill": str} per line
 data_dir = 'data'
 # rollouts
-batch_size = 64              # rollouts (prompts, one reply each) per iteration, per process
+batch_size = 64              # rollouts (replies) per iteration, per process
+group_size = 1               # replies per prompt. > 1: each reply's score minus the mean score of the other
+                             # replies to its prompt (a leave-one-out baseline, as RLOO does; GRPO is similar):
+                             # a prompt whose replies all score the same then teaches nothing, instead of
+                             # pushing all of its (say, all wrong) replies down
 max_new_tokens = 16          # a reply that has not said <|end|> by then is cut (and scored as it is)
 temperature = 1.0            # the policy PPO trains is softmax(logits / temperature): rollouts sample from it
                              # and every log-prob (ratio, KL, entropy) is taken from it, so the math is exact.
@@ -127,6 +131,14 @@ def kl_penalty(logprobs, ref_logprobs, kl_coef):
     than the supervised model did. Its expectation over the policy's samples, summed over a reply, is
     -beta * KL(pi || ref)."""
     return -kl_coef * (logprobs - ref_logprobs)
+
+
+def leave_one_out(scores, group_size):
+    """Each score minus the mean of the other scores in its group (consecutive runs of group_size replies
+    to the same prompt). The baseline does not depend on the reply itself, so the policy gradient stays
+    unbiased; it removes what the prompt alone explains (easy or hopeless)."""
+    g = scores.view(-1, group_size)
+    return (g - (g.sum(1, keepdim=True) - g) / (group_size - 1)).view(-1)
 
 
 def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
@@ -424,6 +436,8 @@ if __name__ == '__main__':
         fail("the adaptive controller multiplies beta: with kl_target > 0 start from kl_coef > 0")
     if batch_size < 1 or minibatch_size < 1 or batch_size % minibatch_size:
         fail(f"minibatch_size must divide batch_size; got {minibatch_size} and {batch_size}")
+    if group_size < 1 or batch_size % group_size:
+        fail(f"group_size must divide batch_size; got {group_size} and {batch_size}")
     if ppo_epochs < 1 or max_iters < 0 or max_new_tokens < 1 or not 0 < clip_range < 1 or clip_range_value <= 0:
         fail("need ppo_epochs >= 1, max_iters >= 0, max_new_tokens >= 1, 0 < clip_range < 1, clip_range_value > 0")
     if temperature <= 0:
@@ -647,7 +661,8 @@ if __name__ == '__main__':
         t_iter = time.time()
         # 1. rollouts: this process's own prompts, seeded by iteration (a resumed run repeats them exactly)
         rng = np.random.default_rng([seed, iter_num, ddp_rank])
-        batch_prompts = [train_records[i] for i in rng.integers(0, len(train_records), size=batch_size)]
+        batch_prompts = [train_records[i] for i in rng.integers(0, len(train_records), size=batch_size // group_size)
+                         for _ in range(group_size)]  # each prompt group_size times in a row
         gen = torch.Generator(device).manual_seed(int(rng.integers(2**62)))
         with ctx:
             ro = rollout(policy, [encode_prompt(r['prompt']) for r in batch_prompts], max_new_tokens, end_token,
@@ -656,6 +671,9 @@ if __name__ == '__main__':
         idx, mask = ro['idx'], ro['mask'].float()
         texts, gold, rm_scores = score_rollouts(batch_prompts, ro)
         scores = rm_scores if reward == 'model' else torch.tensor([float(g) for g in gold], device=device)
+        raw_scores = scores  # logged; the reward is the centred score when group_size > 1
+        if group_size > 1:
+            scores = leave_one_out(scores, group_size)
 
         # 2. per-token rewards, values, advantages (no gradient: these are the targets)
         with torch.no_grad(), ctx:
@@ -705,7 +723,7 @@ if __name__ == '__main__':
 
         # 4. statistics (averaged over processes) and beta's update
         gold_known = [g for g in gold if g is not None]
-        ro_stats = torch.tensor([scores.float().mean().item(), kl_per_reply.mean().item(),
+        ro_stats = torch.tensor([raw_scores.float().mean().item(), kl_per_reply.mean().item(),
                                  masked_mean(ro['entropy'], mask).item(), mask.sum(1).mean().item(),
                                  sum(ro['ended']) / batch_size, rewards.sum(1).mean().item(),
                                  sum(gold_known) / max(1, len(gold_known)),
@@ -748,4 +766,5 @@ if __name__ == '__main__':
                              train_seconds=elapsed, config=config, final_kl_coef=kl_ctl.value),
              'before': before, 'after': after})
     if ddp:
+        dist.barrier()  # every process done before the group goes (see train.py)
         dist.destroy_process_group()

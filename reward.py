@@ -371,4 +371,5 @@ if __name__ == '__main__':
                              train_seconds=elapsed, train_pairs=len(train_data), val_pairs=len(val_data_ex)),
              'final': last})
     if ddp:
+        dist.barrier()  # every process done before the group goes (see train.py)
         dist.destroy_process_group()

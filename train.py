@@ -398,4 +398,7 @@ if eval_full_at_end and not eval_only:
         print(f"final, over the whole val split: {text}")
         log_metrics({'iter': iter_num, 'full_val_loss': val, **extra})
 if ddp:
+    # Wait for every process before tearing the group down: a process that leaves while gloo's worker threads
+    # still hold another's last collective can abort at exit ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 import model as M
 from conftest import error_line, read_metrics, run
-from ppo import (KLController, ValueModel, compare_runs, explained_variance, gae, kl_penalty, logprobs_and_entropy,
-                 masked_mean, masked_whiten, policy_loss, reference_logprobs, rollout, token_rewards, value_loss)
+from ppo import (KLController, ValueModel, compare_runs, explained_variance, gae, kl_penalty, leave_one_out,
+                 logprobs_and_entropy, masked_mean, masked_whiten, policy_loss, reference_logprobs, rollout,
+                 token_rewards, value_loss)
 from test_dpo import tiny_gpt, tiny_tokenizer_meta, write_jsonl
 
 
@@ -392,6 +393,8 @@ def test_ppo_script_with_a_reward_model_and_resume(toy, tok_meta):
     (['--reward=human'], "reward must be 'model' or 'gold'"),
     (['--reward_model=/nonexistent'], 'no reward model at /nonexistent'),
     (['--reward=gold', '--prompts=NOANSWER'], "needs an 'answer' for every prompt"),
+    (['--reward=gold', '--group_size=3'], 'group_size must divide batch_size'),
+    (['--reward=gold', '--temperature=0'], 'temperature must be > 0'),
 ])
 def test_ppo_bad_input_fails_with_one_line_before_work(toy, args, message):
     write_jsonl(toy / 'noanswer.jsonl', ['"What is 2 + 2?"', {'prompt': 'Copy: a'}])
@@ -400,3 +403,27 @@ def test_ppo_bad_input_fails_with_one_line_before_work(toy, args, message):
              *args], check=False)
     assert message in error_line(p)
     assert not (toy / 'never').exists()
+
+
+def test_leave_one_out_baseline_against_a_loop():
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5, 2.0, -1.0, 3.0, 0.0])
+    k = 4
+    expected = []
+    for i, s in enumerate(scores.tolist()):
+        group = scores[i // k * k:(i // k + 1) * k].tolist()
+        others = group[:i % k] + group[i % k + 1:]
+        expected.append(s - sum(others) / len(others))
+    assert torch.allclose(leave_one_out(scores, k), torch.tensor(expected))
+    assert leave_one_out(scores, k)[4:8].abs().max() == 0  # all replies alike: no signal from that prompt
+
+
+def test_ppo_script_with_groups_of_replies_per_prompt(toy):
+    """--group_size=4: each iteration's rollouts are batch_size / 4 prompts, each answered 4 times, and the
+    rewards PPO sees are centred per prompt (leave-one-out), while the logged score stays the raw one."""
+    out = toy / 'out-group'
+    run(['ppo.py', f'--init_from={toy / "sft"}', f'--out_dir={out}', f'--data_dir={toy}', '--reward=gold',
+         '--group_size=4', '--temperature=0.7', '--max_iters=2', '--eval_tasks=0', *PPO_TINY])
+    iters = [r for r in read_metrics(out) if 'kl' in r and 'eval' not in r and 'summary' not in r]
+    assert len(iters) == 2
+    for r in iters:  # gold reward: the raw score is the accuracy (centred scores would average 0)
+        assert r['score'] == r['gold_accuracy']

@@ -9,7 +9,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import model as M
 from conftest import error_line, read_metrics, run

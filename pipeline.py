@@ -307,7 +307,7 @@ if __name__ == '__main__':
         fail(f"unknown stage '{force}' for --force: expected one of {', '.join(STAGES)} or 'all'")
     if input and not os.path.isfile(input):
         fail(f"input not found: {input}")
-    run_dir = out_dir or os.path.join('runs', profile)
+    run_dir = os.path.abspath(out_dir or os.path.join('runs', profile))  # the stages run from the repository root
     data_dir = os.path.join(run_dir, 'data')
     commands = stage_commands(run_dir, data_dir)
     os.makedirs(run_dir, exist_ok=True)

@@ -21,7 +21,7 @@ exact command line is in the stage's log, out_dir/logs/STAGE.log):
             metric and wall time, one reply from each model to the same prompts; loss curves as
             out_dir/curves.png when matplotlib is installed
 
-Rerunning resumes: a stage whose out_dir/STAGE/done.json exists is skipped. A stage writes only its own
+Rerunning resumes: a stage whose out_dir/STAGE/done.json exists, written by the same command, is skipped. A stage writes only its own
 folder (data and prefs: their folders under out_dir/data), and done.json comes last, so an interrupted
 stage is wiped and started again from scratch, and the stages before it are never touched. Running a
 stage again (--force) makes every later stage stale: they run again too.
@@ -124,10 +124,9 @@ def stage_commands(run_dir, data_dir):
     }
 
 
-def run_stage(name, cmd, log_path):
+def run_stage(name, line, cmd, log_path):
     """Run one script, its output both on the console and in log_path; exit if it fails."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    line = ' '.join([os.path.basename(sys.executable), *cmd])
     print(f"\n=== {name}: {line}", flush=True)
     env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
     with open(log_path, 'w', encoding='utf-8') as log:
@@ -143,7 +142,6 @@ def run_stage(name, cmd, log_path):
     if rc != 0:
         fail(f"stage {name} failed (exit {rc}); its log: {log_path}. Fix it and run the same command again: "
              f"the stages before it are kept")
-    return line
 
 
 # -----------------------------------------------------------------------------
@@ -319,11 +317,15 @@ if __name__ == '__main__':
         marker = os.path.join(folders[0], 'done.json')
         if i >= first_forced:
             stale = True
+        line = ' '.join([os.path.basename(sys.executable), *cmd]) if cmd else 'report'
         if os.path.exists(marker) and not stale:
             with open(marker, encoding='utf-8') as f:
-                done[name] = json.load(f)
-            print(f"=== {name}: done ({done[name]['seconds']:.0f} s, {marker}); skipped")
-            continue
+                finished = json.load(f)
+            if finished['command'] == line:
+                done[name] = finished
+                print(f"=== {name}: done ({finished['seconds']:.0f} s, {marker}); skipped")
+                continue
+            print(f"=== {name}: made by a different command (another profile or setting): run again")
         stale = True  # everything after a stage that runs was made from its old outputs
         for folder in folders:  # start clean: an interrupted run may have left half a stage behind
             shutil.rmtree(folder, ignore_errors=True)
@@ -331,9 +333,8 @@ if __name__ == '__main__':
         if cmd is None:
             print(f"\n=== {name}")
             report(run_dir, data_dir, {**done, name: dict(seconds=0.0)})
-            line = 'report'
         else:
-            line = run_stage(name, cmd, os.path.join(run_dir, 'logs', f'{name}.log'))
+            run_stage(name, line, cmd, os.path.join(run_dir, 'logs', f'{name}.log'))
         done[name] = dict(seconds=time.time() - t0, command=line)
         os.makedirs(folders[0], exist_ok=True)
         write_atomic(marker, json.dumps(done[name]))

@@ -83,6 +83,18 @@ def test_rerun_skips_finished_stages_and_force_reruns_from_a_stage(ci_run):
         assert json.load(f)['accuracy'] == card['accuracy']  # the same models, evaluated again: same numbers
     p = pipeline(run_dir, '--force=report')
     assert p.stdout.count('); skipped') == len(STAGE_DIRS) - 1
+    # a stage made by a different command (another profile, input or setting) is not taken as done
+    marker = run_dir / 'report' / 'done.json'
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), 'command': 'python pipeline.py --profile=x'}))
+    p = pipeline(run_dir)
+    assert 'report: made by a different command' in p.stdout
+    assert p.stdout.count('); skipped') == len(STAGE_DIRS) - 1
+    assert json.loads(marker.read_text())['command'] == 'report'
+    # every other stage recorded the exact command it ran, as its log shows it
+    for stage, folder in STAGE_DIRS.items():
+        if stage != 'report':
+            command = json.loads((run_dir / folder / 'done.json').read_text())['command']
+            assert (run_dir / 'logs' / f'{stage}.log').read_text().splitlines()[0] == f'$ {command}'
 
 
 @pytest.mark.parametrize('args, message', [

@@ -34,6 +34,8 @@ import subprocess
 import sys
 import time
 
+from prepare import write_text_atomic
+
 # -----------------------------------------------------------------------------
 profile = 'cpu'        # 'cpu', 'gpu' or 'ci' (the smallest: the integration test)
 out_dir = ''           # default: runs/<profile>
@@ -91,12 +93,6 @@ def fail(msg):
 def read_jsonl(path):
     with open(path, encoding='utf-8') as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def write_atomic(path, text):
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-        f.write(text)
-    os.replace(path + '.tmp', path)
 
 
 def stage_commands(run_dir, data_dir):
@@ -177,9 +173,8 @@ def evaluate_models(run_dir, data_dir, n_examples=5):
     rm_mean, rm_std = rm_meta.get('reward_mean') or 0.0, rm_meta.get('reward_std') or 1.0
     tasks = read_jsonl(os.path.join(data_dir, 'tasks', 'test.jsonl'))
     examples = [next(t for t in tasks if t['skill'] == s) for s in SKILLS][:n_examples]
-    models = {'base': os.path.join(run_dir, 'pretrain', 'ckpt.pt')}
-    models.update({name.upper() if name != 'sft' else 'SFT': os.path.join(run_dir, name, 'model.pt')
-                   for name in ('sft', 'dpo', 'ppo')})
+    models = {'base': os.path.join(run_dir, 'pretrain', 'ckpt.pt'), 'SFT': os.path.join(run_dir, 'sft', 'model.pt'),
+              'DPO': os.path.join(run_dir, 'dpo', 'model.pt'), 'PPO': os.path.join(run_dir, 'ppo', 'model.pt')}
     results = {}
     for name, path in models.items():
         model, meta = model_from_checkpoint(path, dev)
@@ -225,14 +220,14 @@ def curves_png(run_dir, path):
 def report(run_dir, data_dir, done):
     """out_dir/report.md and out_dir/report.json (the same numbers, for the integration test)."""
     from model import SKILLS
+    from ppo import read_run
     bytes_per_token, chars_per_token, data_meta = val_text_stats(data_dir)
     pre = [r for r in read_jsonl(os.path.join(run_dir, 'pretrain', 'metrics.jsonl')) if 'full_val_loss' in r][-1]
-    pre_iters = max(r['iter'] for r in read_jsonl(os.path.join(run_dir, 'pretrain', 'metrics.jsonl')))
-    sft, rm, dpo, ppo = (summary(os.path.join(run_dir, s)) for s in ('sft', 'reward', 'dpo', 'ppo'))
+    pre_iters = pre['iter']
+    sft, rm, dpo = (summary(os.path.join(run_dir, s)) for s in ('sft', 'reward', 'dpo'))
+    ppo_iters, _, ppo = read_run(os.path.join(run_dir, 'ppo'))
     with open(os.path.join(data_dir, 'prefs', 'meta.json'), encoding='utf-8') as f:
         prefs = json.load(f)['stats']
-    ppo_iters = [r for r in read_jsonl(os.path.join(run_dir, 'ppo', 'metrics.jsonl'))
-                 if 'kl' in r and 'eval' not in r and 'summary' not in r]
     ppo_kl = sum(r['kl'] for r in ppo_iters[-5:]) / max(1, len(ppo_iters[-5:]))
     models, examples, n_test = evaluate_models(run_dir, data_dir)
     acc = {name: r['accuracy'] for name, r in models.items()}
@@ -290,8 +285,8 @@ def report(run_dir, data_dir, done):
     plotted = curves_png(run_dir, os.path.join(run_dir, 'curves.png'))
     lines += ['', '![loss curves](curves.png)' if plotted else '(matplotlib is not installed: no loss curves)']
     os.makedirs(os.path.join(run_dir, 'report'), exist_ok=True)
-    write_atomic(os.path.join(run_dir, 'report.json'), json.dumps(card, indent=1))
-    write_atomic(os.path.join(run_dir, 'report.md'), '\n'.join(lines) + '\n')
+    write_text_atomic(os.path.join(run_dir, 'report.json'), json.dumps(card, indent=1))
+    write_text_atomic(os.path.join(run_dir, 'report.md'), '\n'.join(lines) + '\n')
     print('\n'.join(lines))
 
 
@@ -332,11 +327,11 @@ if __name__ == '__main__':
         t0 = time.time()
         if cmd is None:
             print(f"\n=== {name}")
-            report(run_dir, data_dir, {**done, name: dict(seconds=0.0)})
+            report(run_dir, data_dir, done)
         else:
             run_stage(name, line, cmd, os.path.join(run_dir, 'logs', f'{name}.log'))
         done[name] = dict(seconds=time.time() - t0, command=line)
         os.makedirs(folders[0], exist_ok=True)
-        write_atomic(marker, json.dumps(done[name]))
+        write_text_atomic(marker, json.dumps(done[name]))
     print(f"\nall stages done in {time.time() - t_start:.0f} s this run; report card: "
           f"{os.path.join(run_dir, 'report.md')}")

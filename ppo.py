@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from model import (GPT, GPTConfig, apply_lora, chat_ids, check_answer, clean_state_dict, gold_accuracy,
                    load_checkpoint, load_tokenizer, lora_disabled, merge_lora, model_from_checkpoint, pad_batch,
                    render_prompt, save_checkpoint, setup_device)
+from reward import RewardModel, load_reward_model, score_ids
 
 # -----------------------------------------------------------------------------
 init_from = 'out-sft'        # the supervised model (a fine-tuning out_dir: model.pt), or 'resume' (out_dir/ckpt.pt)
@@ -241,16 +242,9 @@ class PolicyLogprobs(nn.Module):
         return logprobs_and_entropy(self.gpt, idx, self.vocab_limit, self.temperature)
 
 
-class ValueModel(nn.Module):
-    """The critic: a GPT trunk and a scalar head at every position, V(prompt + reply so far). Its parameters
-    are named as reward.RewardModel's, so it loads a reward model's weights as they are."""
-
-    def __init__(self, gpt):
-        super().__init__()
-        self.gpt = gpt
-        self.head = nn.Linear(gpt.config.n_embd, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+class ValueModel(RewardModel):
+    """The critic: reward.py's RewardModel (a GPT trunk and a zero-initialised scalar head, so it loads a reward
+    model's weights as they are), read at every position: V(prompt + reply so far)."""
 
     def forward(self, idx):
         return self.head(self.gpt.hidden_states(idx)).squeeze(-1).float()
@@ -516,7 +510,6 @@ if __name__ == '__main__':
     # the reward model (frozen) and the value model (initialised from it: InstructGPT)
     rm, rm_meta, rm_mean, rm_std = None, None, 0.0, 1.0
     if reward == 'model':
-        from reward import load_reward_model, score_ids
         rm, rm_meta = load_reward_model(rm_path, device)
         if rm_meta['data_meta'] != data_meta:
             fail(f"the reward model {rm_path} uses a different tokenizer than the policy {sft_path}")

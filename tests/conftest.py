@@ -89,3 +89,26 @@ def char_ckpt(char_data, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp('out_char')
     run(train_args(char_data, out_dir, '--max_iters=20', '--eval_interval=20'))
     return out_dir
+
+
+# -----------------------------------------------------------------------------
+# for the chat-stage tests (dpo, reward, ppo): a byte-level tokenizer with the chat tokens (260 ids,
+# nothing to train)
+
+def tiny_tokenizer_meta(tmp_path):
+    import bpe
+    tok = bpe.Tokenizer('gpt2')
+    tok.register_special_tokens(['<|endoftext|>', '<|user|>', '<|assistant|>', '<|end|>'])
+    path = tok.save(str(tmp_path / 'bytes'))
+    return {'tokenizer': 'bpe', 'vocab_size': tok.n_vocab, 'bpe_model': open(path, encoding='utf-8').read()}
+
+
+@pytest.fixture(scope='module')
+def tok_meta(tmp_path_factory):
+    return tiny_tokenizer_meta(tmp_path_factory.mktemp('tok'))
+
+
+@pytest.fixture(scope='module')
+def tokenizer(tok_meta):
+    from model import load_tokenizer
+    return load_tokenizer(tok_meta)

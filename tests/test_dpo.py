@@ -14,20 +14,11 @@ from conftest import error_line, read_metrics, run
 from dpo import dpo_loss, reference_reply_logprobs
 from model import GPT, GPTConfig
 
-CHAT_SPECIALS = ['<|endoftext|>', '<|user|>', '<|assistant|>', '<|end|>']
 
 
 # -----------------------------------------------------------------------------
-# helpers shared with test_reward.py: a byte-level tokenizer with the chat tokens (260 ids, nothing to
-# train) and a tiny "supervised model" checkpoint that the scripts load as init_from
-
-def tiny_tokenizer_meta(tmp_path):
-    import bpe
-    tok = bpe.Tokenizer('gpt2')
-    tok.register_special_tokens(CHAT_SPECIALS)
-    path = tok.save(str(tmp_path / 'bytes'))
-    return {'tokenizer': 'bpe', 'vocab_size': tok.n_vocab, 'bpe_model': open(path, encoding='utf-8').read()}
-
+# helpers shared with test_reward.py and test_ppo.py: a tiny GPT and a tiny "supervised model" checkpoint
+# that the scripts load as init_from (the tokenizer and its fixtures are in conftest.py)
 
 def tiny_gpt(seed=0, block_size=64, **kw):
     torch.manual_seed(seed)
@@ -50,16 +41,6 @@ def write_jsonl(path, records):
         for r in records:
             f.write((r if isinstance(r, str) else json.dumps(r)) + '\n')
     return path
-
-
-@pytest.fixture(scope='module')
-def tok_meta(tmp_path_factory):
-    return tiny_tokenizer_meta(tmp_path_factory.mktemp('tok'))
-
-
-@pytest.fixture(scope='module')
-def tokenizer(tok_meta):
-    return M.load_tokenizer(tok_meta)
 
 
 # -----------------------------------------------------------------------------

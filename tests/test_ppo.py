@@ -15,17 +15,7 @@ from conftest import error_line, read_metrics, run
 from ppo import (KLController, ValueModel, compare_runs, explained_variance, gae, kl_penalty, leave_one_out,
                  logprobs_and_entropy, masked_mean, masked_whiten, policy_loss, reference_logprobs, rollout,
                  token_rewards, value_loss)
-from test_dpo import tiny_gpt, tiny_tokenizer_meta, write_jsonl
-
-
-@pytest.fixture(scope='module')
-def tok_meta(tmp_path_factory):
-    return tiny_tokenizer_meta(tmp_path_factory.mktemp('tok'))
-
-
-@pytest.fixture(scope='module')
-def tokenizer(tok_meta):
-    return M.load_tokenizer(tok_meta)
+from test_dpo import tiny_gpt, write_jsonl
 
 
 # -----------------------------------------------------------------------------

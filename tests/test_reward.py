@@ -18,19 +18,9 @@ import torch
 import model as M
 from conftest import error_line, read_metrics, run
 from reward import RewardModel, load_reward_model, ranking_metrics, reply_ids, reward_loss, score, score_ids
-from test_dpo import tiny_gpt, tiny_tokenizer_meta, write_jsonl, write_sft
+from test_dpo import tiny_gpt, write_jsonl, write_sft
 
 FIXTURE = Path(__file__).parent / 'fixtures' / 'hh_rlhf_small.jsonl'
-
-
-@pytest.fixture(scope='module')
-def tok_meta(tmp_path_factory):
-    return tiny_tokenizer_meta(tmp_path_factory.mktemp('tok'))
-
-
-@pytest.fixture(scope='module')
-def tokenizer(tok_meta):
-    return M.load_tokenizer(tok_meta)
 
 
 # -----------------------------------------------------------------------------

@@ -3,7 +3,6 @@ recomputed slowly from the checkpoint, the learning-rate schedule written out, a
 killed and resumed one), one process (for two DDP processes); and runs that must stop with one clear line."""
 import json
 import math
-import os
 import shutil
 import signal
 import socket

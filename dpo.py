@@ -35,8 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (SKILLS, GPT, GPTConfig, apply_lora, chat_ids, clean_state_dict, encode_preferences, get_lr,
-                   gold_accuracy, load_tokenizer, lora_disabled, merge_lora, model_from_checkpoint, pad_batch,
+from model import (SKILLS, apply_lora, chat_ids, clean_state_dict, encode_preferences, get_lr,
+                   find_model, gold_accuracy, load_tokenizer, lora_disabled, merged_gpt, model_from_checkpoint, pad_batch,
+                   parse_lora_targets,
                    preference_batch, preference_splits, render_prompt, response_logprobs, save_checkpoint,
                    setup_device)
 
@@ -145,7 +146,6 @@ if __name__ == '__main__':
         sys.exit(1)
 
     # every check that needs no model comes first
-    targets = tuple(t for t in lora_targets.split(',') if t)
     if loss_type not in ('sigmoid', 'ipo'):
         fail(f"loss_type must be 'sigmoid' or 'ipo', got '{loss_type}'")
     if beta <= 0 or not 0 <= label_smoothing < 0.5 or sft_weight < 0:
@@ -155,10 +155,11 @@ if __name__ == '__main__':
         fail("label_smoothing applies to the sigmoid loss only")
     if lora_rank < 0 or batch_size < 1 or max_iters < 0:
         fail("lora_rank must be >= 0, batch_size >= 1 and max_iters >= 0")
-    if lora_rank > 0 and (not targets or set(targets) - {'attn', 'proj', 'mlp_in', 'mlp_out'}):
-        fail(f"lora_targets must name some of attn, proj, mlp_in, mlp_out; got '{lora_targets}'")
-    sft_path = next((os.path.join(init_from, n) for n in ('model.pt', 'ckpt.pt')
-                     if os.path.exists(os.path.join(init_from, n))), None)
+    try:
+        targets = parse_lora_targets(lora_rank, lora_targets)
+    except ValueError as e:
+        fail(str(e))
+    sft_path = find_model(init_from)
     if sft_path is None:
         fail(f"no model.pt or ckpt.pt in init_from='{init_from}': run finetune_lora.py first")
     try:
@@ -297,12 +298,7 @@ if __name__ == '__main__':
     def save():
         """model.pt: the policy with its adapters merged, a plain GPT."""
         sd = clean_state_dict(policy.state_dict())
-        merged = GPT(GPTConfig(**policy.config.__dict__))
-        if lora:
-            apply_lora(merged, **lora)
-        merged.load_state_dict(sd)
-        if lora:
-            merge_lora(merged)
+        merged = merged_gpt(sd, policy.config.__dict__, lora)
         base = dict(init_from=sft_path, **{k: v for k, v in sft_meta.items() if k not in ('model_args', 'data_meta')})
         save_checkpoint(os.path.join(out_dir, 'model.pt'), {'model': merged.state_dict()},
                         dict(model_args=merged.config.__dict__, data_meta=data_meta, dpo=config, lora=None,

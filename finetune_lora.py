@@ -26,7 +26,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (GPT, GPTConfig, apply_lora, chat_ids, clean_state_dict, get_lr, gold_accuracy, load_checkpoint,
-                   load_tokenizer, lora_state_dict, merge_lora, model_from_checkpoint, render_chat, save_checkpoint,
+                   load_tokenizer, lora_state_dict, merged_gpt, model_from_checkpoint, parse_lora_targets, render_chat,
+                   save_checkpoint,
                    train_token_rows, download, chat_example, setup_device)
 
 # -----------------------------------------------------------------------------
@@ -76,9 +77,10 @@ def fail(msg):
 
 if lora_rank < 0 or batch_size < 1 or not 0 <= replay_fraction < 1:
     fail("lora_rank must be >= 0, batch_size >= 1 and replay_fraction in [0, 1)")
-targets = tuple(t for t in lora_targets.split(',') if t)
-if lora_rank > 0 and (not targets or set(targets) - {'attn', 'proj', 'mlp_in', 'mlp_out'}):
-    fail(f"lora_targets must name some of attn, proj, mlp_in, mlp_out; got '{lora_targets}'")
+try:
+    targets = parse_lora_targets(lora_rank, lora_targets)
+except ValueError as e:
+    fail(str(e))
 
 # -----------------------------------------------------------------------------
 # processes, devices, precision (model.setup_device; train.py spells the same steps out)
@@ -346,12 +348,7 @@ def save():
         adapter['chat_token_rows'] = raw_model.transformer.wte.weight[chat_token_ids].detach().cpu()
         save_checkpoint(os.path.join(out_dir, 'adapter.pt'), adapter,
                         dict(lora=lora, base=base_meta['init_from'], chat_token_ids=chat_token_ids))
-    merged = GPT(GPTConfig(**raw_model.config.__dict__))
-    if lora:
-        apply_lora(merged, **lora)
-    merged.load_state_dict(sd)
-    if lora:
-        merge_lora(merged)
+    merged = merged_gpt(sd, raw_model.config.__dict__, lora)
     save_checkpoint(os.path.join(out_dir, 'model.pt'), {'model': merged.state_dict()},
                     dict(model_args=merged.config.__dict__, data_meta=base_meta['data_meta'], sft=meta['config'],
                          base=base_meta))

@@ -552,17 +552,30 @@ def clean_state_dict(sd):
     return out
 
 
+def merged_gpt(state_dict, model_args, lora=None):
+    """A plain GPT from a state dict trained with LoRA adapters (lora: apply_lora's arguments, or None):
+    each adapter folded into its weight, so that whoever loads it needs to know nothing about LoRA."""
+    model = GPT(GPTConfig(**model_args))
+    if lora:
+        apply_lora(model, **lora)
+    model.load_state_dict(clean_state_dict(state_dict))
+    if lora:
+        merge_lora(model)
+    return model
+
+
 def model_from_checkpoint(path, device='cpu'):
     """Rebuild the GPT saved by train.py or a fine-tuning script; returns (model, meta). A checkpoint
     saved with LoRA adapters comes back with them merged: a plain GPT."""
     ckpt, meta = load_checkpoint(path, map_location=device)
-    model = GPT(GPTConfig(**meta['model_args']))
-    if meta.get('lora'):
-        apply_lora(model, **meta['lora'])
-    model.load_state_dict(clean_state_dict(ckpt['model']))
-    if meta.get('lora'):
-        merge_lora(model)
-    return model.to(device), meta
+    return merged_gpt(ckpt['model'], meta['model_args'], meta.get('lora')).to(device), meta
+
+
+def find_model(folder):
+    """The model a later stage starts from: folder/model.pt (a fine-tuning script's merged model), else
+    folder/ckpt.pt (its training state, which also loads as a plain GPT); None if neither exists."""
+    return next((os.path.join(folder, n) for n in ('model.pt', 'ckpt.pt')
+                 if os.path.exists(os.path.join(folder, n))), None)
 
 
 # -----------------------------------------------------------------------------
@@ -684,7 +697,17 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
-def apply_lora(model, rank, alpha, dropout=0.0, targets=('attn', 'proj', 'mlp_in', 'mlp_out')):
+def parse_lora_targets(lora_rank, lora_targets):
+    """The comma-separated --lora_targets as a tuple; ValueError (a one-line message) if lora_rank is
+    negative or, with adapters, the list is empty or names something else."""
+    targets = tuple(t for t in lora_targets.split(',') if t)
+    if lora_rank < 0 or (lora_rank > 0 and (not targets or set(targets) - set(LORA_TARGETS))):
+        raise ValueError(f"lora_rank must be >= 0 and lora_targets name some of {', '.join(LORA_TARGETS)}; "
+                         f"got {lora_rank}, '{lora_targets}'")
+    return targets
+
+
+def apply_lora(model, rank, alpha, dropout=0.0, targets=tuple(LORA_TARGETS)):
     """Freeze every weight of the model and wrap the chosen Linear layers of each block with LoRA."""
     for p in model.parameters():
         p.requires_grad = False

@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (SKILLS, GPT, GPTConfig, apply_lora, chat_ids, check_answer, clean_state_dict, encode_preferences,
-                   get_lr, load_checkpoint, load_tokenizer, merge_lora, model_from_checkpoint, pad_batch,
+                   find_model, get_lr, load_checkpoint, load_tokenizer, merge_lora, model_from_checkpoint, pad_batch,
+                   parse_lora_targets,
                    preference_batch, preference_splits, render_prompt, sample_replies, save_checkpoint, setup_device)
 
 # -----------------------------------------------------------------------------
@@ -172,15 +173,15 @@ if __name__ == '__main__':
         sys.exit(1)
 
     # every check that needs no model comes first
-    targets = tuple(t for t in lora_targets.split(',') if t)
     if lora_rank < 0 or batch_size < 1 or max_iters < 0 or rank_samples < 2 and rank_prompts > 0:
         fail("lora_rank must be >= 0, batch_size >= 1, max_iters >= 0 and rank_samples >= 2")
-    if lora_rank > 0 and (not targets or set(targets) - {'attn', 'proj', 'mlp_in', 'mlp_out'}):
-        fail(f"lora_targets must name some of attn, proj, mlp_in, mlp_out; got '{lora_targets}'")
+    try:
+        targets = parse_lora_targets(lora_rank, lora_targets)
+    except ValueError as e:
+        fail(str(e))
     if rank_split not in ('train', 'val', 'test'):
         fail(f"rank_split must be train, val or test; got '{rank_split}'")
-    sft_path = next((os.path.join(init_from, n) for n in ('model.pt', 'ckpt.pt')
-                     if os.path.exists(os.path.join(init_from, n))), None)
+    sft_path = find_model(init_from)
     if sft_path is None:
         fail(f"no model.pt or ckpt.pt in init_from='{init_from}': run finetune_lora.py first")
     try:

@@ -87,6 +87,30 @@ def test_merged_equals_unmerged_and_disable_gives_base():
     assert (plain(idx, torch.zeros_like(idx))[0] - unmerged).abs().max() < 1e-5
 
 
+def test_merged_gpt_from_an_adapter_state_dict_equals_the_lora_model():
+    """model.merged_gpt, the plain GPT that the chat scripts save as model.pt: no LoRA layers, same logits."""
+    _, m = lora_model()
+    randomize_b(m)
+    idx = torch.randint(0, 40, (2, 16))
+    lora = dict(rank=4, alpha=8.0, targets=['attn', 'proj', 'mlp_in', 'mlp_out'])
+    plain = M.merged_gpt({'_orig_mod.' + k: v for k, v in m.state_dict().items()}, m.config.__dict__, lora)
+    assert not M.lora_layers(plain)
+    assert (plain(idx, torch.zeros_like(idx))[0] - m(idx, torch.zeros_like(idx))[0]).abs().max() < 1e-5
+
+
+def test_parse_lora_targets_and_find_model(tmp_path):
+    assert M.parse_lora_targets(8, 'attn,mlp_out,') == ('attn', 'mlp_out')
+    assert M.parse_lora_targets(0, '') == ()  # no adapters: the list does not matter
+    for rank, targets in ((8, ''), (8, 'attn,qkv'), (-1, 'attn')):
+        with pytest.raises(ValueError, match="lora_targets name some of attn, proj, mlp_in, mlp_out"):
+            M.parse_lora_targets(rank, targets)
+    assert M.find_model(str(tmp_path)) is None
+    (tmp_path / 'ckpt.pt').write_bytes(b'')
+    assert M.find_model(str(tmp_path)) == str(tmp_path / 'ckpt.pt')
+    (tmp_path / 'model.pt').write_bytes(b'')  # the merged model wins over the training state
+    assert M.find_model(str(tmp_path)) == str(tmp_path / 'model.pt')
+
+
 def test_frozen_weights_unchanged_after_steps_except_chat_rows():
     _, m = lora_model()
     M.train_token_rows(m, [37, 38])

@@ -131,7 +131,7 @@ def test_reward_model_learns_separable_preference(tmp_path, tok_meta, tokenizer,
 
 
 @pytest.mark.parametrize('args,message', [
-    (['--lora_targets=attn,ffn'], 'lora_targets must name'),
+    (['--lora_targets=attn,ffn'], 'lora_targets name some of'),
     (['--data=BADFILE'], '0 usable train'),
 ])
 def test_reward_bad_input_fails_with_one_line_before_work(tmp_path, tok_meta, args, message):

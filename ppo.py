@@ -9,7 +9,8 @@ RLHF with PPO (Schulman et al. 2017) and a KL penalty, as in Ziegler et al. 2019
      the KL penalty that keeps the policy near the frozen supervised model ("ref"), whose text the reward
      model was trained on. Summed over a reply it is -beta times an estimate of KL(pi || ref);
   3. advantages: a value model predicts the return from each position, GAE (gamma, lambda) turns rewards
-     and values into advantages, which are whitened;
+     and values into advantages, which are whitened (critic = False: no value model, the advantage is
+     the reward-to-go itself, REINFORCE-style; see the README for when that worked better);
   4. PPO: several epochs of minibatches over the rollouts, each step the clipped surrogate objective for the
      policy and a clipped regression for the value model, with gradient clipping.
 
@@ -17,7 +18,7 @@ beta is fixed (kl_target = 0) or steered by Ziegler et al.'s adaptive controller
 reply. With LoRA the reference is the policy with its adapters switched off (model.lora_disabled, no second
 copy); with lora_rank = 0 every weight trains and a frozen copy is the reference.
 
-The value model is a separate network: a GPT trunk with a scalar head at every position, initialised from
+The value model (critic = True) is a separate network: a GPT trunk with a scalar head at every position, initialised from
 the reward model (as InstructGPT did; with reward='gold', from the supervised model with a zero head). Why
 not a head on the policy's trunk (cheaper: one forward pass for both)? Then the value loss's gradients would
 move the policy too (with LoRA: its adapters), so the KL to the reference would no longer measure only what
@@ -50,7 +51,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (GPT, GPTConfig, apply_lora, chat_ids, check_answer, clean_state_dict, gold_accuracy,
-                   load_checkpoint, load_tokenizer, lora_disabled, merge_lora, model_from_checkpoint, pad_batch,
+                   find_model, load_checkpoint, load_tokenizer, lora_disabled, merged_gpt, model_from_checkpoint, pad_batch,
+                   parse_lora_targets,
                    render_prompt, save_checkpoint, setup_device)
 from reward import RewardModel, load_reward_model, score_ids
 
@@ -84,7 +86,10 @@ clip_range = 0.2             # epsilon: the ratio pi_new / pi_old is clipped to 
 clip_range_value = 0.2       # the value prediction may move at most this far from the rollout's
 gamma = 1.0                  # discount (1: a reply is short and only its end matters)
 lam = 0.95                   # GAE's lambda: 0 is one-step TD (low variance, biased), 1 is Monte Carlo
-whiten_advantages = True
+critic = True                # False: no value model; each reply token's advantage is its reward-to-go (the reply's
+                             # score, plus the KL penalties still ahead), as in REINFORCE. With a 0/1 reward and
+                             # whiten_advantages = False only the replies that scored are pushed up, none down
+whiten_advantages = True     # standardise the advantages over each batch (this subtracts their mean: a baseline)
 ent_coef = 0.0               # entropy bonus
 # optimisation: the policy (LoRA, or every weight with lora_rank = 0) and the value model (every weight)
 lora_rank = 8
@@ -421,7 +426,6 @@ if __name__ == '__main__':
         sys.exit(0)
 
     # every check that needs no model comes first
-    targets = tuple(t for t in lora_targets.split(',') if t)
     if reward not in ('model', 'gold'):
         fail(f"reward must be 'model' or 'gold', got '{reward}'")
     if kl_coef < 0 or kl_target < 0 or kl_horizon <= 0:
@@ -438,9 +442,10 @@ if __name__ == '__main__':
         fail(f"temperature must be > 0, got {temperature}")
     if not (0 <= gamma <= 1 and 0 <= lam <= 1):
         fail(f"gamma and lam must be in [0, 1]; got {gamma} and {lam}")
-    if lora_rank < 0 or (lora_rank > 0 and (not targets or set(targets) - {'attn', 'proj', 'mlp_in', 'mlp_out'})):
-        fail(f"lora_rank must be >= 0 and lora_targets name some of attn, proj, mlp_in, mlp_out; got "
-             f"{lora_rank}, '{lora_targets}'")
+    try:
+        targets = parse_lora_targets(lora_rank, lora_targets)
+    except ValueError as e:
+        fail(str(e))
     resume = init_from == 'resume'
     ckpt = None
     if resume:
@@ -451,8 +456,7 @@ if __name__ == '__main__':
         if not os.path.exists(sft_path):
             fail(f"the supervised model {sft_path} this run started from is gone: it is the reference")
     else:
-        sft_path = next((os.path.join(init_from, n) for n in ('model.pt', 'ckpt.pt')
-                         if os.path.exists(os.path.join(init_from, n))), None)
+        sft_path = find_model(init_from)
         if sft_path is None:
             fail(f"no model.pt or ckpt.pt in init_from='{init_from}': run finetune_lora.py first")
     rm_path = None
@@ -517,15 +521,18 @@ if __name__ == '__main__':
             p.requires_grad = False
         if reward_norm and rm_meta.get('reward_mean') is not None and rm_meta.get('reward_std'):
             rm_mean, rm_std = rm_meta['reward_mean'], rm_meta['reward_std']
+    value_model = None
+    if critic and rm is not None:
         value_model = ValueModel(GPT(GPTConfig(**rm_meta['model_args'])))
         value_model.load_state_dict(rm.state_dict())
         if reward_norm:  # the critic predicts normalised scores: rescale its head the same way
             with torch.no_grad():
                 value_model.head.weight /= rm_std
                 value_model.head.bias.sub_(rm_mean).div_(rm_std)
-    else:
+    elif critic:
         value_model = ValueModel(model_from_checkpoint(sft_path, device)[0])
-    value_model.to(device)
+    if critic:
+        value_model.to(device)
 
     # the policy's distribution is over the tokens sampling may draw, everywhere: ratio, KL and entropy
     policy_module = PolicyLogprobs(policy, vocab_limit, temperature)
@@ -562,15 +569,18 @@ if __name__ == '__main__':
     # -------------------------------------------------------------------------
     policy_optimizer = policy.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
     value_optimizer = GPT.configure_optimizers(value_model, weight_decay, value_learning_rate, (beta1, beta2),
-                                               device_type)
+                                               device_type) if critic else None
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
     kl_ctl = KLController(kl_coef, kl_target, kl_horizon)
     iter_num = 0
     if ckpt is not None:
         policy.load_state_dict(clean_state_dict(ckpt['model']))
-        value_model.load_state_dict(clean_state_dict(ckpt['value_model']))
         policy_optimizer.load_state_dict(ckpt['optimizer'])
-        value_optimizer.load_state_dict(ckpt['value_optimizer'])
+        if critic:
+            if 'value_model' not in ckpt:
+                fail(f"{os.path.join(out_dir, 'ckpt.pt')} was trained with --critic=False: resume it so")
+            value_model.load_state_dict(clean_state_dict(ckpt['value_model']))
+            value_optimizer.load_state_dict(ckpt['value_optimizer'])
         iter_num, kl_ctl.value = ckpt_meta['iter_num'], ckpt_meta['kl_coef']
         ckpt = None
     n_params = sum(p.numel() for p in policy.parameters())
@@ -578,11 +588,13 @@ if __name__ == '__main__':
     policy_ddp, value_ddp = policy_module, value_model
     if ddp:
         ids = [torch.device(device).index] if device_type == 'cuda' else None
-        policy_ddp, value_ddp = DDP(policy_module, device_ids=ids), DDP(value_model, device_ids=ids)
+        policy_ddp = DDP(policy_module, device_ids=ids)
+        value_ddp = DDP(value_model, device_ids=ids) if critic else None
     if master_process:
         print(f"policy: {'LoRA r=' + str(lora_rank) if lora else 'full training'}, {n_trainable:,} trainable "
-              f"parameters of {n_params:,}; value model: {sum(p.numel() for p in value_model.parameters()):,} "
-              f"parameters, from {'the reward model' if rm else 'the supervised model'}")
+              f"parameters of {n_params:,}; " + (f"value model: {sum(p.numel() for p in value_model.parameters()):,} "
+              f"parameters, from {'the reward model' if rm else 'the supervised model'}" if critic else
+              "no value model: advantages are rewards-to-go"))
         print(f"reward: {'reward model ' + rm_path if rm else 'gold checker'}"
               + (f" (scores standardised: mean {rm_mean:.3f}, std {rm_std:.3f})" if rm and reward_norm else '')
               + f"; beta {kl_coef}" + (f", adaptive towards KL {kl_target}" if kl_target else ' (fixed)')
@@ -626,16 +638,12 @@ if __name__ == '__main__':
         sd = clean_state_dict(policy.state_dict())
         meta = dict(model_args=policy.config.__dict__, lora=lora, data_meta=data_meta, iter_num=iter_num,
                     kl_coef=kl_ctl.value, config=config, sft_path=sft_path, reward_model=rm_path)
-        save_checkpoint(os.path.join(out_dir, 'ckpt.pt'),
-                        {'model': sd, 'value_model': clean_state_dict(value_model.state_dict()),
-                         'optimizer': policy_optimizer.state_dict(), 'value_optimizer': value_optimizer.state_dict()},
-                        meta)
-        merged = GPT(GPTConfig(**policy.config.__dict__))
-        if lora:
-            apply_lora(merged, **lora)
-        merged.load_state_dict(sd)
-        if lora:
-            merge_lora(merged)
+        state = {'model': sd, 'optimizer': policy_optimizer.state_dict()}
+        if critic:
+            state.update(value_model=clean_state_dict(value_model.state_dict()),
+                         value_optimizer=value_optimizer.state_dict())
+        save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), state, meta)
+        merged = merged_gpt(sd, policy.config.__dict__, lora)
         save_checkpoint(os.path.join(out_dir, 'model.pt'), {'model': merged.state_dict()},
                         dict(model_args=merged.config.__dict__, data_meta=data_meta, ppo=config, iter_num=iter_num,
                              base=dict(init_from=sft_path)))
@@ -649,7 +657,8 @@ if __name__ == '__main__':
     # The policy always runs in eval mode: PPO's ratio compares two forward passes, and dropout would make
     # them differ for no reason (gradients flow in eval mode all the same).
     policy.eval()
-    value_model.eval()
+    if critic:
+        value_model.eval()
     while iter_num < max_iters:
         t_iter = time.time()
         # 1. rollouts: this process's own prompts, seeded by iteration (a resumed run repeats them exactly)
@@ -672,10 +681,11 @@ if __name__ == '__main__':
         with torch.no_grad(), ctx:
             old_logprobs = ro['logprobs']
             ref_logprobs = reference_logprobs(policy, ref_model, idx, vocab_limit, temperature).float()
-            old_values = value_model(idx[:, :-1]).float()
+            # no critic: V = 0 and lambda = 1, so that GAE's advantage is the (discounted) reward-to-go
+            old_values = value_model(idx[:, :-1]).float() if critic else torch.zeros_like(old_logprobs)
         beta = kl_ctl.value
         rewards = token_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
-        advantages, returns = gae(rewards, old_values, mask, gamma, lam)
+        advantages, returns = gae(rewards, old_values, mask, gamma, lam if critic else 1.0)
         if whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         kl_per_reply = ((old_logprobs - ref_logprobs) * mask).sum(1)  # a sample of KL(pi || ref) per reply
@@ -694,22 +704,26 @@ if __name__ == '__main__':
                     pg_loss, clip_frac, approx_kl = policy_loss(logprobs.float(), old_logprobs[mb, :T - 1],
                                                                 advantages[mb, :T - 1], mb_mask, clip_range)
                     ent = masked_mean(entropy.float(), mb_mask)
-                    values = value_ddp(mb_idx[:, :-1]).float()
-                    vf_loss, vf_clip_frac = value_loss(values, old_values[mb, :T - 1], returns[mb, :T - 1],
-                                                       mb_mask, clip_range_value)
+                    vf_loss = vf_clip_frac = torch.zeros((), device=device)
+                    if critic:
+                        values = value_ddp(mb_idx[:, :-1]).float()
+                        vf_loss, vf_clip_frac = value_loss(values, old_values[mb, :T - 1], returns[mb, :T - 1],
+                                                           mb_mask, clip_range_value)
                     # two separate networks: one backward pass serves both, each its own optimizer
                     loss = pg_loss - ent_coef * ent + vf_loss
+                optimizers = [policy_optimizer] + ([value_optimizer] if critic else [])
                 scaler.scale(loss).backward()
                 if grad_clip > 0:
-                    scaler.unscale_(policy_optimizer)
-                    scaler.unscale_(value_optimizer)
+                    for opt in optimizers:
+                        scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], grad_clip)
-                    torch.nn.utils.clip_grad_norm_(value_model.parameters(), grad_clip)
-                scaler.step(policy_optimizer)
-                scaler.step(value_optimizer)
+                    if critic:
+                        torch.nn.utils.clip_grad_norm_(value_model.parameters(), grad_clip)
+                for opt in optimizers:
+                    scaler.step(opt)
                 scaler.update()
-                policy_optimizer.zero_grad(set_to_none=True)
-                value_optimizer.zero_grad(set_to_none=True)
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
                 stats.append(torch.stack([pg_loss.detach(), vf_loss.detach(), clip_frac, approx_kl,
                                           vf_clip_frac, ent.detach()]))
         iter_num += 1
@@ -721,7 +735,7 @@ if __name__ == '__main__':
                                  sum(ro['ended']) / batch_size, rewards.sum(1).mean().item(),
                                  sum(gold_known) / max(1, len(gold_known)),
                                  rm_scores.mean().item() if rm_scores is not None else 0.0,
-                                 explained_variance(old_values, returns, mask)], device=device)
+                                 explained_variance(old_values, returns, mask) if critic else 0.0], device=device)
         ppo_stats = torch.stack(stats).mean(0)
         if ddp:
             for s in (ro_stats, ppo_stats):
@@ -737,14 +751,16 @@ if __name__ == '__main__':
         record = dict(iter=iter_num, score=score_mean, rm_score=rm_mean_score if rm is not None else None,
                       gold_accuracy=gold_acc if gold_known else None, kl=kl, kl_coef=beta,
                       reward_total=total_reward, clip_frac=clip_f, approx_kl=approx_kl_f, entropy=rollout_entropy,
-                      policy_loss=pg_l, value_loss=vf_l, value_clip_frac=vf_clip_f, explained_variance=expl_var,
+                      policy_loss=pg_l, value_loss=vf_l if critic else None,
+                      value_clip_frac=vf_clip_f if critic else None, explained_variance=expl_var if critic else None,
                       reply_tokens=reply_len, ended=ended_frac, seconds=dt, rollout_seconds=t_rollout,
                       example={'prompt': batch_prompts[0]['prompt'][-1]['content'], 'reply': texts[0]})
         if master_process and (iter_num % log_interval == 0 or iter_num == max_iters):
             print(f"iter {iter_num}: score {score_mean:.3f}"
                   + (f", gold {gold_acc:.0%}" if gold_known else '')
                   + f", KL {kl:.3f} (beta {beta:.4f}), clip {clip_f:.3f}, approx KL {approx_kl_f:.4f}, "
-                  f"entropy {rollout_entropy:.3f}, value loss {vf_l:.4f}, expl. var {expl_var:.2f}, "
+                  f"entropy {rollout_entropy:.3f}, "
+                  + (f"value loss {vf_l:.4f}, expl. var {expl_var:.2f}, " if critic else '') +
                   f"reply {reply_len:.1f} tokens, {dt:.1f} s ({t_rollout:.1f} rollout)")
             log(record)
         if (iter_num % eval_interval == 0 or iter_num == max_iters) and master_process:

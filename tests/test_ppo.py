@@ -416,3 +416,42 @@ def test_ppo_script_with_groups_of_replies_per_prompt(toy):
     assert len(iters) == 2
     for r in iters:  # gold reward: the raw score is the accuracy (centred scores would average 0)
         assert r['score'] == r['gold_accuracy']
+
+
+def test_without_a_critic_the_advantage_is_the_reward_to_go():
+    """critic=False runs gae with V = 0 and lambda = 1: each reply token's advantage is the sum of the rewards
+    from it to the reply's end (the score plus the KL penalties still ahead), written out here as a loop."""
+    rewards = torch.tensor([[0.0, 0.0, -0.1, 0.2, 1.0, 0.0], [0.0, 0.3, -0.2, 0.5, 0.0, 0.0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0]], dtype=torch.float)
+    for gamma in (1.0, 0.9):
+        adv, ret = gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)
+        for b in range(2):
+            for t in range(6):
+                to_go = sum(gamma ** (k - t) * rewards[b, k].item() * mask[b, k].item() for k in range(t, 6))
+                assert adv[b, t].item() == pytest.approx(to_go * mask[b, t].item(), abs=1e-6)
+        assert torch.equal(adv, ret)
+
+
+def test_ppo_script_without_a_critic_learns_and_resumes(toy):
+    """--critic=False --whiten_advantages=False: no value model at all (none in the checkpoint, no value
+    statistics), a 0/1 reward only pushes correct replies up, and the toy's answer is still learned."""
+    out = toy / 'out-nocritic'
+    common = [f'--out_dir={out}', f'--data_dir={toy}', '--reward=gold', '--critic=False',
+              '--whiten_advantages=False', '--lora_rank=0', '--learning_rate=1e-3', '--kl_coef=0.02',
+              '--kl_target=1.0', '--kl_horizon=500', *PPO_TINY]
+    p = run(['ppo.py', f'--init_from={toy / "sft"}', '--max_iters=10', *common])
+    assert 'no value model' in p.stdout
+    ckpt, _ = M.load_checkpoint(str(out / 'ckpt.pt'))
+    assert 'value_model' not in ckpt and 'value_optimizer' not in ckpt
+    run(['ppo.py', '--init_from=resume', '--max_iters=12', *common])
+    records = read_metrics(out)
+    iters = [r for r in records if 'kl' in r and 'eval' not in r]
+    assert [r['iter'] for r in iters] == list(range(1, 13))
+    assert all(r['value_loss'] is None and r['explained_variance'] is None for r in iters)
+    assert iters[0]['gold_accuracy'] < 0.3
+    assert sum(r['gold_accuracy'] for r in iters[-3:]) / 3 > 0.75
+    assert records[-1]['after']['test_accuracy']['all'] == 1.0
+    # a run that had no critic cannot silently resume with a fresh one
+    p = run(['ppo.py', '--init_from=resume', '--max_iters=13', '--critic=True',
+             *[a for a in common if a != '--critic=False']], check=False)
+    assert 'trained with --critic=False' in error_line(p)

@@ -17,6 +17,8 @@ exact command line is in the stage's log, out_dir/logs/STAGE.log):
   reward    reward.py config/reward_tasks.py: the Bradley-Terry reward model
   dpo       dpo.py config/dpo_tasks.py: DPO from the SFT model
   ppo       ppo.py config/ppo_tasks.py: PPO from the SFT model, with the reward model and a KL penalty
+  ppo_gold  ppo.py config/ppo_tasks_gold.py: PPO from the SFT model with the task checker as the reward
+            (and no critic): what PPO does when the reward is right, next to a learned one
   report    out_dir/report.md: every model's gold accuracy on the same held-out prompts, each stage's
             metric and wall time, one reply from each model to the same prompts; loss curves as
             out_dir/curves.png when matplotlib is installed
@@ -45,11 +47,11 @@ device = 'auto'        # passed to every stage
 seed = 1337
 # -----------------------------------------------------------------------------
 
-STAGES = ('data', 'pretrain', 'sft', 'prefs', 'reward', 'dpo', 'ppo', 'report')
+STAGES = ('data', 'pretrain', 'sft', 'prefs', 'reward', 'dpo', 'ppo', 'ppo_gold', 'report')
 
 # Each profile: arguments added to a stage's command, after its config file and the paths the pipeline
-# sets itself. 'cpu' is the configs as shipped, with fewer preference prompts and 50 PPO iterations to fit
-# in 15 minutes on 2 cores. 'gpu' is a 6-layer, 384-wide model trained longer (not measured yet: no GPU was
+# sets itself. 'cpu' is the configs as shipped, with fewer preference prompts and 30 iterations of PPO with
+# the reward model, to fit in 15 minutes on 2 cores. 'gpu' is a 6-layer, 384-wide model trained longer (not measured yet: no GPU was
 # lent to the sessions that wrote it). 'ci' is small enough for the test suite (about 5 minutes on 2 cores)
 # and still runs every stage.
 PROFILES = {
@@ -60,7 +62,8 @@ PROFILES = {
         prefs=['--prefs_prompts=1000', '--prefs_val_prompts=250'],
         reward=['--rank_prompts=100'],
         dpo=['--sft_weight=1.0', '--beta=0.1'],
-        ppo=['--max_iters=50'],
+        ppo=['--max_iters=30'],
+        ppo_gold=[],
     ),
     'gpu': dict(
         data=['--vocab_size=2048', '--n_per_skill=5000'],
@@ -72,6 +75,7 @@ PROFILES = {
         reward=['--max_iters=600'],
         dpo=['--sft_weight=1.0', '--beta=0.1', '--max_iters=400'],
         ppo=['--max_iters=200', '--batch_size=128'],
+        ppo_gold=['--max_iters=200', '--batch_size=256', '--minibatch_size=64'],
     ),
     'ci': dict(
         data=[],
@@ -81,6 +85,7 @@ PROFILES = {
         reward=['--max_iters=100', '--eval_interval=50', '--rank_prompts=50'],
         dpo=['--sft_weight=1.0', '--beta=0.1', '--max_iters=60', '--eval_interval=30', '--eval_tasks=100'],
         ppo=['--max_iters=20', '--eval_interval=10', '--eval_tasks=100'],
+        ppo_gold=['--max_iters=30', '--eval_interval=15', '--eval_tasks=100'],
     ),
 }
 
@@ -116,6 +121,8 @@ def stage_commands(run_dir, data_dir):
                  f'--out_dir={d("dpo")}', f'--seed={seed}', *dev] + p['dpo'], [d('dpo')]),
         'ppo': (['ppo.py', 'config/ppo_tasks.py', f'--init_from={d("sft")}', f'--reward_model={d("reward")}',
                  f'--data_dir={data_dir}', f'--out_dir={d("ppo")}', f'--seed={seed}', *dev] + p['ppo'], [d('ppo')]),
+        'ppo_gold': (['ppo.py', 'config/ppo_tasks_gold.py', f'--init_from={d("sft")}', f'--data_dir={data_dir}',
+                      f'--out_dir={d("ppo_gold")}', f'--seed={seed}', *dev] + p['ppo_gold'], [d('ppo_gold')]),
         'report': (None, [d('report')]),
     }
 
@@ -174,7 +181,8 @@ def evaluate_models(run_dir, data_dir, n_examples=5):
     tasks = read_jsonl(os.path.join(data_dir, 'tasks', 'test.jsonl'))
     examples = [next(t for t in tasks if t['skill'] == s) for s in SKILLS][:n_examples]
     models = {'base': os.path.join(run_dir, 'pretrain', 'ckpt.pt'), 'SFT': os.path.join(run_dir, 'sft', 'model.pt'),
-              'DPO': os.path.join(run_dir, 'dpo', 'model.pt'), 'PPO': os.path.join(run_dir, 'ppo', 'model.pt')}
+              'DPO': os.path.join(run_dir, 'dpo', 'model.pt'), 'PPO': os.path.join(run_dir, 'ppo', 'model.pt'),
+              'PPO-gold': os.path.join(run_dir, 'ppo_gold', 'model.pt')}
     results = {}
     for name, path in models.items():
         model, meta = model_from_checkpoint(path, dev)
@@ -199,7 +207,8 @@ def curves_png(run_dir, path):
               ('sft', 'SFT loss (assistant tokens)', [('loss', 'train'), ('val_loss', 'val')]),
               ('reward', 'reward model loss', [('loss', 'train'), ('val_loss', 'val')]),
               ('dpo', 'DPO loss', [('loss', 'train'), ('val_loss', 'val')]),
-              ('ppo', 'PPO: rollout score and KL', [('score', 'score'), ('kl', 'KL to SFT')])]
+              ('ppo', 'PPO: rollout score and KL', [('score', 'score'), ('kl', 'KL to SFT')]),
+              ('ppo_gold', 'PPO-gold: rollout accuracy and KL', [('score', 'accuracy'), ('kl', 'KL to SFT')])]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (stage, title, keys) in zip(axes, panels):
         records = read_jsonl(os.path.join(run_dir, stage, 'metrics.jsonl'))
@@ -226,9 +235,11 @@ def report(run_dir, data_dir, done):
     pre_iters = pre['iter']
     sft, rm, dpo = (summary(os.path.join(run_dir, s)) for s in ('sft', 'reward', 'dpo'))
     ppo_iters, _, ppo = read_run(os.path.join(run_dir, 'ppo'))
+    gold_iters, _, ppo_gold = read_run(os.path.join(run_dir, 'ppo_gold'))
     with open(os.path.join(data_dir, 'prefs', 'meta.json'), encoding='utf-8') as f:
         prefs = json.load(f)['stats']
-    ppo_kl = sum(r['kl'] for r in ppo_iters[-5:]) / max(1, len(ppo_iters[-5:]))
+    last5_kl = lambda iters: sum(r['kl'] for r in iters[-5:]) / max(1, len(iters[-5:]))
+    ppo_kl, gold_kl = last5_kl(ppo_iters), last5_kl(gold_iters)
     models, examples, n_test = evaluate_models(run_dir, data_dir)
     acc = {name: r['accuracy'] for name, r in models.items()}
     rm_scores = {name: r['rm_score'] for name, r in models.items()}
@@ -245,6 +256,9 @@ def report(run_dir, data_dir, done):
                     auc=rm['final'].get('ranking', {}).get('all', {}).get('auc')),
         dpo=dict(kl=dpo['after']['kl'], reward_accuracy=dpo['after']['val_reward_accuracy']),
         ppo=dict(kl=ppo_kl, kl_coef=ppo['summary']['final_kl_coef']),
+        ppo_gold=dict(kl=gold_kl, kl_coef=ppo_gold['summary']['final_kl_coef'],
+                      rollout_accuracy=[sum(r['score'] for r in it) / max(1, len(it))
+                                        for it in (gold_iters[:5], gold_iters[-5:])]),
         seconds=t)
     lines = [f"# Report card: profile `{profile}`", '',
              f"`python pipeline.py --profile={profile}`, {time.strftime('%Y-%m-%d %H:%M')}; "
@@ -268,6 +282,11 @@ def report(run_dir, data_dir, done):
              f"| ppo | from SFT, reward model, KL penalty (beta ends at {card['ppo']['kl_coef']:.3f}) | "
              f"{t['ppo']:.0f} s | gold accuracy {pct(acc['PPO']['all'])}; KL to SFT {ppo_kl:.2f} nats/reply "
              f"(last 5 iterations) |",
+             f"| ppo_gold | from SFT, the checker as reward, no critic (beta ends at "
+             f"{card['ppo_gold']['kl_coef']:.3f}) | {t['ppo_gold']:.0f} s | gold accuracy {pct(acc['PPO-gold']['all'])}; "
+             f"KL to SFT {gold_kl:.2f} nats/reply; rollout accuracy "
+             f"{pct(card['ppo_gold']['rollout_accuracy'][0])} -> {pct(card['ppo_gold']['rollout_accuracy'][1])} "
+             f"(first / last 5 iterations) |",
              f"| all | | {sum(t.values()):.0f} s | |", '',
              f"Gold accuracy per skill on all {n_test} test prompts (greedy replies, checked by the task suite's "
              f"checkers; evaluated here, every model by the same code):", '',

@@ -34,8 +34,8 @@ critic starts out useful. The price is a second forward and backward pass per mi
 
 Logs per iteration (metrics.jsonl): mean score of the rollouts (the reward model's, or gold), their gold
 accuracy, KL to the reference, beta, PPO's clip fraction, the approximate KL between the policy before and
-after the update, entropy, value loss and explained variance (null with critic = False). Gold accuracy per skill on held-out prompts
-(greedy) before, during and after. Writes out_dir/ckpt.pt (the training state, --init_from=resume; sample.py
+after the update, entropy, value loss and explained variance (null with critic = False). Gold accuracy
+per skill on held-out prompts (greedy) before, during and after. Writes out_dir/ckpt.pt (the training state, --init_from=resume; sample.py
 loads it) and out_dir/model.pt (the policy with adapters merged: a plain GPT).
 """
 import copy

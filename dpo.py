@@ -35,11 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (SKILLS, apply_lora, chat_ids, clean_state_dict, encode_preferences, get_lr,
-                   find_model, gold_accuracy, load_tokenizer, lora_disabled, merged_gpt, model_from_checkpoint, pad_batch,
-                   parse_lora_targets,
-                   preference_batch, preference_splits, render_prompt, response_logprobs, save_checkpoint,
-                   setup_device)
+from model import (SKILLS, apply_lora, chat_ids, clean_state_dict, encode_preferences, find_model, get_lr,
+                   gold_accuracy, load_tokenizer, lora_disabled, merged_gpt, model_from_checkpoint, pad_batch,
+                   parse_lora_targets, preference_batch, preference_splits, render_prompt, response_logprobs,
+                   save_checkpoint, setup_device)
 
 # -----------------------------------------------------------------------------
 init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt)

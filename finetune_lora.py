@@ -26,9 +26,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (GPT, GPTConfig, apply_lora, chat_ids, clean_state_dict, get_lr, gold_accuracy, load_checkpoint,
-                   load_tokenizer, lora_state_dict, merged_gpt, model_from_checkpoint, parse_lora_targets, render_chat,
-                   save_checkpoint,
-                   train_token_rows, download, chat_example, setup_device)
+                   load_tokenizer, lora_state_dict, merged_gpt, model_from_checkpoint, parse_lora_targets,
+                   render_chat, save_checkpoint, train_token_rows, download, chat_example, setup_device)
 
 # -----------------------------------------------------------------------------
 init_from = 'out-chat-base'  # a train.py out_dir, a GPT-2 name / local HF directory, or 'resume' (out_dir)

@@ -35,8 +35,9 @@ critic starts out useful. The price is a second forward and backward pass per mi
 Logs per iteration (metrics.jsonl): mean score of the rollouts (the reward model's, or gold), their gold
 accuracy, KL to the reference, beta, PPO's clip fraction, the approximate KL between the policy before and
 after the update, entropy, value loss and explained variance (null with critic = False). Gold accuracy
-per skill on held-out prompts (greedy) before, during and after. Writes out_dir/ckpt.pt (the training state, --init_from=resume; sample.py
-loads it) and out_dir/model.pt (the policy with adapters merged: a plain GPT).
+per skill on held-out prompts (greedy) before, during and after. Writes out_dir/ckpt.pt (the training
+state, --init_from=resume; sample.py loads it) and out_dir/model.pt (the policy with adapters merged:
+a plain GPT).
 """
 import copy
 import json
@@ -50,10 +51,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (GPT, GPTConfig, apply_lora, chat_ids, check_answer, clean_state_dict, gold_accuracy,
-                   find_model, load_checkpoint, load_tokenizer, lora_disabled, merged_gpt, model_from_checkpoint, pad_batch,
-                   parse_lora_targets,
-                   render_prompt, save_checkpoint, setup_device)
+from model import (GPT, GPTConfig, apply_lora, chat_ids, check_answer, clean_state_dict, find_model, gold_accuracy,
+                   load_checkpoint, load_tokenizer, lora_disabled, merged_gpt, model_from_checkpoint, pad_batch,
+                   parse_lora_targets, render_prompt, save_checkpoint, setup_device)
 from reward import RewardModel, load_reward_model, score_ids
 
 # -----------------------------------------------------------------------------

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from model import (SKILLS, GPT, GPTConfig, apply_lora, chat_ids, check_answer, clean_state_dict, encode_preferences,
                    find_model, get_lr, load_checkpoint, load_tokenizer, merge_lora, model_from_checkpoint, pad_batch,
-                   parse_lora_targets,
-                   preference_batch, preference_splits, render_prompt, sample_replies, save_checkpoint, setup_device)
+                   parse_lora_targets, preference_batch, preference_splits, render_prompt, sample_replies,
+                   save_checkpoint, setup_device)
 
 # -----------------------------------------------------------------------------
 init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt)

@@ -152,8 +152,8 @@ if __name__ == '__main__':
              f"label_smoothing={label_smoothing}, sft_weight={sft_weight}")
     if label_smoothing and loss_type != 'sigmoid':
         fail("label_smoothing applies to the sigmoid loss only")
-    if lora_rank < 0 or batch_size < 1 or max_iters < 0:
-        fail("lora_rank must be >= 0, batch_size >= 1 and max_iters >= 0")
+    if batch_size < 1 or max_iters < 0:
+        fail("batch_size must be >= 1 and max_iters >= 0")
     try:
         targets = parse_lora_targets(lora_rank, lora_targets)
     except ValueError as e:
@@ -167,7 +167,7 @@ if __name__ == '__main__':
         fail(str(e))
 
     # -------------------------------------------------------------------------
-    # processes, devices, precision (model.setup_device; train.py spells the same steps out)
+    # processes, devices, precision (model.setup_device, as in train.py)
     ddp, ddp_rank, ddp_world_size, device, device_type, dtype, ctx = setup_device(device, dtype)
     if gradient_accumulation_steps % ddp_world_size:
         fail(f"gradient_accumulation_steps must divide by the {ddp_world_size} processes")

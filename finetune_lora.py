@@ -74,15 +74,15 @@ def fail(msg):
     sys.exit(1)
 
 
-if lora_rank < 0 or batch_size < 1 or not 0 <= replay_fraction < 1:
-    fail("lora_rank must be >= 0, batch_size >= 1 and replay_fraction in [0, 1)")
+if batch_size < 1 or not 0 <= replay_fraction < 1:
+    fail("batch_size must be >= 1 and replay_fraction in [0, 1)")
 try:
     targets = parse_lora_targets(lora_rank, lora_targets)
 except ValueError as e:
     fail(str(e))
 
 # -----------------------------------------------------------------------------
-# processes, devices, precision (model.setup_device; train.py spells the same steps out)
+# processes, devices, precision (model.setup_device, as in train.py)
 ddp, ddp_rank, ddp_world_size, device, device_type, dtype, ctx = setup_device(device, dtype)
 if gradient_accumulation_steps % ddp_world_size:
     fail(f"gradient_accumulation_steps must divide by the {ddp_world_size} processes")

@@ -390,11 +390,11 @@ class GPT(nn.Module):
         return None if peak is None else self.flops_per_token() * tokens_per_second / peak
 
 
-def setup_device(device='auto', dtype='auto'):
-    """Processes, device and precision, as train.py sets them up step by step; finetune_lora.py, reward.py,
-    dpo.py and ppo.py call this. Launched by torchrun (RANK is set), this process joins the group (NCCL on
-    CUDA, gloo on CPU) and takes its own GPU. dtype 'auto': bf16 on GPUs that have it, else fp16 there, fp32
-    elsewhere; ctx runs forward passes in it (autocast) and is a no-op in fp32.
+def setup_device(device='auto', dtype='auto', backend='auto'):
+    """Processes, device and precision, for train.py and the chat scripts. Launched by torchrun (RANK is
+    set), this process joins the group (backend 'auto': NCCL on CUDA, gloo on CPU) and takes its own GPU.
+    dtype 'auto': bf16 on GPUs that have it, else fp16 there, fp32 elsewhere; ctx runs forward passes in
+    it (autocast) and is a no-op in fp32.
     Returns (ddp, rank, world_size, device, device_type, dtype, ctx)."""
     from contextlib import nullcontext
     import torch.distributed as dist
@@ -406,7 +406,7 @@ def setup_device(device='auto', dtype='auto'):
     device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
     rank, world_size = 0, 1
     if ddp:
-        dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+        dist.init_process_group(backend=backend if backend != 'auto' else 'nccl' if device_type == 'cuda' else 'gloo')
         rank, world_size = dist.get_rank(), dist.get_world_size()
         if device_type == 'cuda':
             device = f'cuda:{int(os.environ["LOCAL_RANK"])}'

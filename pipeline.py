@@ -1,7 +1,7 @@
 """
 From zero to chat in one command: every stage of the recipe in order, then a report card.
 
-    python pipeline.py                          # profile 'cpu': a few minutes on a 2-core machine
+    python pipeline.py                          # profile 'cpu': about 14 minutes on 2 cores
     python pipeline.py --profile=gpu            # one GPU: a bigger model, more steps
     python pipeline.py --input=input.txt        # offline: a local copy of tinyshakespeare
     python pipeline.py --force=dpo              # run dpo again, and every stage after it
@@ -23,9 +23,10 @@ exact command line is in the stage's log, out_dir/logs/STAGE.log):
             metric and wall time, one reply from each model to the same prompts; loss curves as
             out_dir/curves.png when matplotlib is installed
 
-Rerunning resumes: a stage whose out_dir/STAGE/done.json exists, written by the same command, is skipped. A stage writes only its own
-folder (data and prefs: their folders under out_dir/data), and done.json comes last, so an interrupted
-stage is wiped and started again from scratch, and the stages before it are never touched. Running a
+Rerunning resumes: a stage whose out_dir/STAGE/done.json exists, written by the same command, is skipped.
+A stage writes only its own folder (data and prefs: their folders under out_dir/data), and done.json comes
+last, so an interrupted stage is wiped and started again from scratch, and the stages before it are never
+touched. Running a
 stage again (--force) makes every later stage stale: they run again too.
 """
 import json
@@ -51,9 +52,9 @@ STAGES = ('data', 'pretrain', 'sft', 'prefs', 'reward', 'dpo', 'ppo', 'ppo_gold'
 
 # Each profile: arguments added to a stage's command, after its config file and the paths the pipeline
 # sets itself. 'cpu' is the configs as shipped, with fewer preference prompts and 30 iterations of PPO with
-# the reward model, to fit in 15 minutes on 2 cores. 'gpu' is a 6-layer, 384-wide model trained longer (not measured yet: no GPU was
-# lent to the sessions that wrote it). 'ci' is small enough for the test suite (about 5 minutes on 2 cores)
-# and still runs every stage.
+# the reward model, to fit in 15 minutes on 2 cores. 'gpu' is a 6-layer, 384-wide model trained longer (not
+# measured yet: no GPU was lent to the sessions that wrote it). 'ci' is small enough for the test suite
+# (about 6 minutes on 2 cores) and still runs every stage.
 PROFILES = {
     'cpu': dict(
         data=[],
@@ -283,8 +284,8 @@ def report(run_dir, data_dir, done):
              f"{t['ppo']:.0f} s | gold accuracy {pct(acc['PPO']['all'])}; KL to SFT {ppo_kl:.2f} nats/reply "
              f"(last 5 iterations) |",
              f"| ppo_gold | from SFT, the checker as reward, no critic (beta ends at "
-             f"{card['ppo_gold']['kl_coef']:.3f}) | {t['ppo_gold']:.0f} s | gold accuracy {pct(acc['PPO-gold']['all'])}; "
-             f"KL to SFT {gold_kl:.2f} nats/reply; rollout accuracy "
+             f"{card['ppo_gold']['kl_coef']:.3f}) | {t['ppo_gold']:.0f} s | gold accuracy "
+             f"{pct(acc['PPO-gold']['all'])}; KL to SFT {gold_kl:.2f} nats/reply; rollout accuracy "
              f"{pct(card['ppo_gold']['rollout_accuracy'][0])} -> {pct(card['ppo_gold']['rollout_accuracy'][1])} "
              f"(first / last 5 iterations) |",
              f"| all | | {sum(t.values()):.0f} s | |", '',

@@ -18,13 +18,14 @@ beta is fixed (kl_target = 0) or steered by Ziegler et al.'s adaptive controller
 reply. With LoRA the reference is the policy with its adapters switched off (model.lora_disabled, no second
 copy); with lora_rank = 0 every weight trains and a frozen copy is the reference.
 
-The value model (critic = True) is a separate network: a GPT trunk with a scalar head at every position, initialised from
-the reward model (as InstructGPT did; with reward='gold', from the supervised model with a zero head). Why
-not a head on the policy's trunk (cheaper: one forward pass for both)? Then the value loss's gradients would
-move the policy too (with LoRA: its adapters), so the KL to the reference would no longer measure only what
-the reward did, and the two losses would need weighting against each other; Ziegler et al. also found
-separate networks more stable. The reward model's trunk already reads "how good is this reply", so the
-critic starts out useful. The price is a second forward and backward pass per minibatch.
+The value model (critic = True) is a separate network: a GPT trunk with a scalar head at every position,
+initialised from the reward model (as InstructGPT did; with reward='gold', from the supervised model with a
+zero head). Why not a head on the policy's trunk (cheaper: one forward pass for both)? Then the value
+loss's gradients would move the policy too (with LoRA: its adapters), so the KL to the reference would no
+longer measure only what the reward did, and the two losses would need weighting against each other;
+Ziegler et al. also found separate networks more stable. The reward model's trunk already reads "how good
+is this reply", so the critic starts out useful. The price is a second forward and backward pass per
+minibatch.
 
     python prepare.py prefs --sft_dir=out-sft && python reward.py config/reward_tasks.py   # the reward model
     python ppo.py config/ppo_tasks.py                                  # learned reward, adaptive KL
@@ -452,6 +453,8 @@ if __name__ == '__main__':
         if not os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
             fail(f"init_from='resume' but there is no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}")
         ckpt, ckpt_meta = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+        if critic and 'value_model' not in ckpt:
+            fail(f"{os.path.join(out_dir, 'ckpt.pt')} was trained with --critic=False: resume it so")
         sft_path = ckpt_meta['sft_path']
         if not os.path.exists(sft_path):
             fail(f"the supervised model {sft_path} this run started from is gone: it is the reference")
@@ -484,7 +487,7 @@ if __name__ == '__main__':
         fail("reward='gold' needs an 'answer' for every prompt")
 
     # -------------------------------------------------------------------------
-    # processes, devices, precision (model.setup_device; train.py spells the same steps out)
+    # processes, devices, precision (model.setup_device, as in train.py)
     ddp, ddp_rank, ddp_world_size, device, device_type, dtype, ctx = setup_device(device, dtype)
     master_process = ddp_rank == 0
     torch.manual_seed(seed)
@@ -522,16 +525,16 @@ if __name__ == '__main__':
         if reward_norm and rm_meta.get('reward_mean') is not None and rm_meta.get('reward_std'):
             rm_mean, rm_std = rm_meta['reward_mean'], rm_meta['reward_std']
     value_model = None
-    if critic and rm is not None:
-        value_model = ValueModel(GPT(GPTConfig(**rm_meta['model_args'])))
-        value_model.load_state_dict(rm.state_dict())
-        if reward_norm:  # the critic predicts normalised scores: rescale its head the same way
-            with torch.no_grad():
-                value_model.head.weight /= rm_std
-                value_model.head.bias.sub_(rm_mean).div_(rm_std)
-    elif critic:
-        value_model = ValueModel(model_from_checkpoint(sft_path, device)[0])
     if critic:
+        if rm is not None:
+            value_model = ValueModel(GPT(GPTConfig(**rm_meta['model_args'])))
+            value_model.load_state_dict(rm.state_dict())
+            if reward_norm:  # the critic predicts normalised scores: rescale its head the same way
+                with torch.no_grad():
+                    value_model.head.weight /= rm_std
+                    value_model.head.bias.sub_(rm_mean).div_(rm_std)
+        else:
+            value_model = ValueModel(model_from_checkpoint(sft_path, device)[0])
         value_model.to(device)
 
     # the policy's distribution is over the tokens sampling may draw, everywhere: ratio, KL and entropy
@@ -577,8 +580,6 @@ if __name__ == '__main__':
         policy.load_state_dict(clean_state_dict(ckpt['model']))
         policy_optimizer.load_state_dict(ckpt['optimizer'])
         if critic:
-            if 'value_model' not in ckpt:
-                fail(f"{os.path.join(out_dir, 'ckpt.pt')} was trained with --critic=False: resume it so")
             value_model.load_state_dict(clean_state_dict(ckpt['value_model']))
             value_optimizer.load_state_dict(ckpt['value_optimizer'])
         iter_num, kl_ctl.value = ckpt_meta['iter_num'], ckpt_meta['kl_coef']

@@ -173,8 +173,8 @@ if __name__ == '__main__':
         sys.exit(1)
 
     # every check that needs no model comes first
-    if lora_rank < 0 or batch_size < 1 or max_iters < 0 or rank_samples < 2 and rank_prompts > 0:
-        fail("lora_rank must be >= 0, batch_size >= 1, max_iters >= 0 and rank_samples >= 2")
+    if batch_size < 1 or max_iters < 0 or rank_samples < 2 and rank_prompts > 0:
+        fail("batch_size must be >= 1, max_iters >= 0 and rank_samples >= 2")
     try:
         targets = parse_lora_targets(lora_rank, lora_targets)
     except ValueError as e:
@@ -190,7 +190,7 @@ if __name__ == '__main__':
         fail(str(e))
 
     # -------------------------------------------------------------------------
-    # processes, devices, precision (model.setup_device; train.py spells the same steps out)
+    # processes, devices, precision (model.setup_device, as in train.py)
     ddp, ddp_rank, ddp_world_size, device, device_type, dtype, ctx = setup_device(device, dtype)
     if gradient_accumulation_steps % ddp_world_size:
         fail(f"gradient_accumulation_steps must divide by the {ddp_world_size} processes")

@@ -17,14 +17,13 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, GPT2_NAMES, GPTConfig, clean_state_dict, get_lr, load_checkpoint, save_checkpoint
+from model import GPT, GPT2_NAMES, GPTConfig, clean_state_dict, get_lr, load_checkpoint, save_checkpoint, setup_device
 
 # -----------------------------------------------------------------------------
 # default config: GPT-2 124M on OpenWebText, as nanoGPT. Config files in config/ override these.
@@ -96,33 +95,18 @@ if decay_lr and lr_decay_iters <= warmup_iters:
 
 # -----------------------------------------------------------------------------
 # processes and devices
-ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
-if ddp:
-    dist.init_process_group(backend=backend if backend != 'auto' else 'nccl' if device_type == 'cuda' else 'gloo')
-    ddp_rank, ddp_world_size = dist.get_rank(), dist.get_world_size()
-    if device_type == 'cuda':
-        device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
-        torch.cuda.set_device(device)
-    if gradient_accumulation_steps % ddp_world_size:
-        fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must divide by the {ddp_world_size} processes")
-else:
-    ddp_rank, ddp_world_size = 0, 1
+# Launched by torchrun (RANK is set), each process joins the group and takes its own GPU; dtype 'auto' is
+# bf16 on GPUs that have it, fp16 on older ones, fp32 elsewhere, and ctx runs forward passes in it
+# (autocast; a no-op in fp32). model.setup_device spells the steps out.
+ddp, ddp_rank, ddp_world_size, device, device_type, dtype, ctx = setup_device(device, dtype, backend)
+if gradient_accumulation_steps % ddp_world_size:
+    fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must divide by the {ddp_world_size} processes")
 master_process = ddp_rank == 0  # only this one logs and writes checkpoints
 accum_steps = gradient_accumulation_steps // ddp_world_size  # this process's micro-steps per iteration
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master_process:
     print(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} micro-steps x "
           f"{batch_size} x {block_size}, {ddp_world_size} process(es))")
-
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls for what stays in fp32
-torch.backends.cudnn.allow_tf32 = True
-ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 # -----------------------------------------------------------------------------
 # data: train.bin / val.bin are flat arrays of token ids, read through a memmap

@@ -29,7 +29,8 @@ def test_every_stage_ran_and_wrote_its_outputs(ci_run):
     for stage, folder in STAGE_DIRS.items():
         assert (run_dir / folder / 'done.json').exists(), stage
     for path in ('pretrain/ckpt.pt', 'sft/model.pt', 'sft/adapter.pt', 'reward/reward.pt', 'dpo/model.pt',
-                 'ppo/model.pt', 'ppo_gold/model.pt', 'data/prefs/train.jsonl', 'data/shakespeare_tasks/tokenizer.model', 'report.md'):
+                 'ppo/model.pt', 'ppo_gold/model.pt', 'data/prefs/train.jsonl',
+                 'data/shakespeare_tasks/tokenizer.model', 'report.md'):
         assert (run_dir / path).exists(), path
     for stage in ('data', 'pretrain', 'sft', 'prefs', 'reward', 'dpo', 'ppo', 'ppo_gold'):
         assert (run_dir / 'logs' / f'{stage}.log').read_text().startswith('$ python'), stage
@@ -159,7 +160,7 @@ def test_every_profile_passes_only_settings_its_scripts_have():
 
 @pytest.mark.slow
 def test_cpu_profile_dpo_and_ppo_gold_beat_sft(tmp_path):
-    """The cpu profile end to end (about 14 minutes on 2 cores: python -m pytest -m slow), where the models are
+    """The cpu profile end to end (12-15 minutes on 2 cores: python -m pytest -m slow), where the models are
     big enough for the recipe's claims about gold accuracy: SFT over base, DPO and PPO with the checker as
     reward over SFT (each on the same 1,000 held-out test prompts), each PPO within a bounded KL, and PPO with
     the reward model raising the reward model's score (the proxy; its gold accuracy falls, README)."""

@@ -192,7 +192,8 @@ def test_init_from_refused(init_from, data, expected, tmp_path, request):
 
 @pytest.mark.parametrize('arg,expected', [('--batch_size=0', 'batch_size must be at least 1'),
                                           ('--warmup_iters=100', 'must be greater than warmup_iters'),
-                                          ('--block_size=200000', 'not more than block_size')])
+                                          ('--block_size=200000', 'not more than block_size'),
+                                          ('--dtype=fp8', 'dtype must be auto, float32, bfloat16 or float16')])
 def test_bad_settings_fail_before_work(arg, expected, char_data, tmp_path):
     out = tmp_path / 'out'
     p = run(train_args(char_data, out, '--lr_decay_iters=100', arg), check=False)

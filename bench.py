@@ -46,10 +46,11 @@ out_dir = eval_interval = eval_iters = log_interval = always_save_checkpoint = i
 gradient_accumulation_steps = learning_rate = max_iters = lr_decay_iters = min_lr = beta2 = warmup_iters = None
 weight_decay = decay_lr = wandb_log = wandb_project = wandb_run_name = None
 # -----------------------------------------------------------------------------
+from common import seed_everything
 from configurator import apply_config
 apply_config(globals())
 
-torch.manual_seed(seed)
+seed_everything(seed)
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 device_type = 'cuda' if 'cuda' in device else 'cpu'

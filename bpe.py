@@ -16,7 +16,7 @@ Command line:
   python bpe.py --input=input.txt --vocab_size=4096 --out=out/tokenizer   # train, save, report
   python bpe.py --bench                                                    # speed numbers
 
-Library (prepare.py, sample.py and model.py `import bpe`; importing does no work):
+Library (prepare.py and tokenizer.py `import bpe`; importing does no work):
   tok = bpe.Tokenizer("gpt2"); tok.train(text, 4096); tok.register_special_tokens(["<|endoftext|>"])
   ids = tok.encode(text, allowed_special="all"); text == tok.decode(ids); tok.save("out/tokenizer")
   tok = bpe.load("out/tokenizer.model")       # or a .tiktoken ranks file
@@ -666,7 +666,7 @@ def bench_cli(input, gpt2_dir):
         return best, ids
 
     if not gpt2_dir:  # GPT-2's original tokenizer files, fetched once
-        from model import CACHE_DIR, download
+        from download import CACHE_DIR, download
         gpt2_dir = os.path.join(CACHE_DIR, "gpt2-tokenizer")
         for f in ("vocab.bpe", "encoder.json"):
             if not os.path.exists(os.path.join(gpt2_dir, f)):

@@ -20,7 +20,7 @@ from the reference.
 Logs loss, implicit-reward accuracy and margin, chosen and rejected rewards on held-out pairs, and an
 estimate of KL(policy || reference): the mean over replies sampled from the policy to held-out prompts of
 sum over their tokens of log pi - log ref. Gold accuracy per skill on val task prompts during training
-and on the test prompts before and after (model.gold_accuracy, as in fine-tuning). Writes out_dir/model.pt
+and on the test prompts before and after (tasks.gold_accuracy, as in fine-tuning). Writes out_dir/model.pt
 (merged: a plain GPT that sample.py and ppo.py load) and metrics.jsonl.
 """
 import copy
@@ -35,10 +35,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (SKILLS, apply_lora, chat_ids, clean_state_dict, encode_preferences, find_model, get_lr,
-                   gold_accuracy, load_tokenizer, lora_disabled, merged_gpt, model_from_checkpoint, pad_batch,
-                   parse_lora_targets, preference_batch, preference_splits, render_prompt, response_logprobs,
-                   save_checkpoint, setup_device)
+from common import get_lr, seed_everything, setup_device
+from model import (apply_lora, clean_state_dict, find_model, lora_disabled, merged_gpt, model_from_checkpoint,
+                   pad_batch, parse_lora_targets, response_logprobs, save_checkpoint)
+from tasks import (SKILLS, chat_ids, encode_preferences, gold_accuracy, preference_batch, preference_splits,
+                   render_prompt)
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt)
@@ -167,13 +169,13 @@ if __name__ == '__main__':
         fail(str(e))
 
     # -------------------------------------------------------------------------
-    # processes, devices, precision (model.setup_device, as in train.py)
+    # processes, devices, precision (common.setup_device, as in train.py)
     ddp, ddp_rank, ddp_world_size, device, device_type, dtype, ctx = setup_device(device, dtype)
     if gradient_accumulation_steps % ddp_world_size:
         fail(f"gradient_accumulation_steps must divide by the {ddp_world_size} processes")
     master_process = ddp_rank == 0
     accum_steps = gradient_accumulation_steps // ddp_world_size
-    torch.manual_seed(seed)
+    seed_everything(seed)  # LoRA's A matrices, the reward head: the same on every run and every process
 
     # -------------------------------------------------------------------------
     # policy and reference: both start as the supervised model
@@ -319,6 +321,7 @@ if __name__ == '__main__':
             rng = np.random.default_rng([seed, iter_num, ddp_rank * accum_steps + micro_step])
             idx, mask, _ = preference_batch([train_data[i] for i in rng.integers(0, len(train_data), batch_size)],
                                             device)
+            torch.manual_seed(int(rng.integers(2**62)))  # dropout masks: a function of (seed, iteration, micro-step)
             if ddp:
                 model.require_backward_grad_sync = (micro_step == accum_steps - 1)
             with ctx:

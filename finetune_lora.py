@@ -8,7 +8,7 @@ answers. With lora_rank > 0 only small low-rank adapters train (LoRA); lora_rank
     torchrun --standalone --nproc_per_node=8 finetune_lora.py config/sft_tasks.py
 
 Loss is computed on the assistant's tokens only. Before and after training it measures gold accuracy
-per skill on held-out task prompts (greedy replies, KV cache, checked by model.check_answer) and, for
+per skill on held-out task prompts (greedy replies, KV cache, checked by tasks.check_answer) and, for
 forgetting, the loss on the base model's pretraining data. Writes to out_dir: ckpt.pt (training state,
 for --init_from=resume), adapter.pt (the LoRA weights alone), model.pt (merged: a plain GPT that
 sample.py, reward.py, dpo.py and ppo.py load) and metrics.jsonl.
@@ -25,9 +25,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (GPT, GPTConfig, apply_lora, chat_ids, clean_state_dict, get_lr, gold_accuracy, load_checkpoint,
-                   load_tokenizer, lora_state_dict, merged_gpt, model_from_checkpoint, parse_lora_targets,
-                   render_chat, save_checkpoint, train_token_rows, download, chat_example, setup_device)
+from common import get_lr, seed_everything, setup_device
+from download import download
+from model import (GPT, GPTConfig, apply_lora, clean_state_dict, load_checkpoint, lora_state_dict, merged_gpt,
+                   model_from_checkpoint, parse_lora_targets, save_checkpoint, train_token_rows)
+from tasks import chat_example, chat_ids, gold_accuracy, render_chat
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = 'out-chat-base'  # a train.py out_dir, a GPT-2 name / local HF directory, or 'resume' (out_dir)
@@ -82,12 +85,13 @@ except ValueError as e:
     fail(str(e))
 
 # -----------------------------------------------------------------------------
-# processes, devices, precision (model.setup_device, as in train.py)
+# processes, devices, precision (common.setup_device, as in train.py)
 ddp, ddp_rank, ddp_world_size, device, device_type, dtype, ctx = setup_device(device, dtype)
 if gradient_accumulation_steps % ddp_world_size:
     fail(f"gradient_accumulation_steps must divide by the {ddp_world_size} processes")
 master_process = ddp_rank == 0
 accum_steps = gradient_accumulation_steps // ddp_world_size
+seed_everything(seed)  # LoRA's A matrices start random: the same ones on every run and every process
 
 # -----------------------------------------------------------------------------
 # the base model and its tokenizer
@@ -186,7 +190,7 @@ def load_tasks(split):
 
 
 def encode_chats(chats, what):
-    """(inputs, targets) per chat (see model.chat_example); truncations and drops are counted."""
+    """(inputs, targets) per chat (see tasks.chat_example); truncations and drops are counted."""
     out, truncated, dropped = [], 0, 0
     for chat in chats:
         example = chat_example(chat, tokenizer, block_size)
@@ -370,6 +374,7 @@ while iter_num < max_iters:
     for micro_step in range(accum_steps):
         rng = np.random.default_rng([seed, iter_num, ddp_rank * accum_steps + micro_step])
         x, y = get_batch('train', rng)
+        torch.manual_seed(int(rng.integers(2**62)))  # dropout masks: a function of (seed, iteration, micro-step)
         tokens_seen += int((y != -1).sum()) * ddp_world_size
         if ddp:
             model.require_backward_grad_sync = (micro_step == accum_steps - 1)

@@ -21,7 +21,7 @@ exact command line is in the stage's log, out_dir/logs/STAGE.log):
             (and no critic): what PPO does when the reward is right, next to a learned one
   report    out_dir/report.md: every model's gold accuracy on the same held-out prompts, each stage's
             metric and wall time, one reply from each model to the same prompts; loss curves as
-            out_dir/curves.png when matplotlib is installed
+            out_dir/curves.png
 
 Rerunning resumes: a stage whose out_dir/STAGE/done.json exists, written by the same command, is skipped.
 A stage writes only its own folder (data and prefs: their folders under out_dir/data), and done.json comes
@@ -37,7 +37,8 @@ import subprocess
 import sys
 import time
 
-from prepare import write_text_atomic
+from common import write_text_atomic
+from plots import curves_png, read_jsonl, read_run
 
 # -----------------------------------------------------------------------------
 profile = 'cpu'        # 'cpu', 'gpu' or 'ci' (the smallest: the integration test)
@@ -94,11 +95,6 @@ PROFILES = {
 def fail(msg):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(1)
-
-
-def read_jsonl(path):
-    with open(path, encoding='utf-8') as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def stage_commands(run_dir, data_dir):
@@ -160,7 +156,7 @@ def val_text_stats(data_dir):
     """Bytes and characters per token on the pretraining corpus's val split: text the BPE never saw
     (prepare.py trains it on the train part only)."""
     import numpy as np
-    from model import load_tokenizer
+    from tokenizer import load_tokenizer
     folder = os.path.join(data_dir, 'shakespeare_tasks')
     with open(os.path.join(folder, 'meta.json'), encoding='utf-8') as f:
         meta = json.load(f)
@@ -174,7 +170,9 @@ def evaluate_models(run_dir, data_dir, n_examples=5):
     order (so the numbers compare exactly); the reward model's mean score of those replies (standardised as
     PPO sees it: the proxy next to the truth); and each model's reply to the same few prompts."""
     import torch
-    from model import SKILLS, gold_accuracy, load_tokenizer, model_from_checkpoint
+    from model import model_from_checkpoint
+    from tasks import SKILLS, gold_accuracy
+    from tokenizer import load_tokenizer
     from reward import load_reward_model, score
     dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     rm, rm_meta = load_reward_model(os.path.join(run_dir, 'reward', 'reward.pt'), dev)
@@ -196,41 +194,9 @@ def evaluate_models(run_dir, data_dir, n_examples=5):
     return results, examples, len(tasks)
 
 
-def curves_png(run_dir, path):
-    """Loss curves of the training stages, if matplotlib is installed. Returns whether it drew them."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    panels = [('pretrain', 'pretraining loss', [('loss', 'train'), ('val_loss', 'val (estimate)')]),
-              ('sft', 'SFT loss (assistant tokens)', [('loss', 'train'), ('val_loss', 'val')]),
-              ('reward', 'reward model loss', [('loss', 'train'), ('val_loss', 'val')]),
-              ('dpo', 'DPO loss', [('loss', 'train'), ('val_loss', 'val')]),
-              ('ppo', 'PPO: rollout score and KL', [('score', 'score'), ('kl', 'KL to SFT')]),
-              ('ppo_gold', 'PPO-gold: rollout accuracy and KL', [('score', 'accuracy'), ('kl', 'KL to SFT')])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (stage, title, keys) in zip(axes, panels):
-        records = read_jsonl(os.path.join(run_dir, stage, 'metrics.jsonl'))
-        for key, label in keys:
-            pts = [(r['iter'], r[key]) for r in records
-                   if isinstance(r.get(key), (int, float)) and 'iter' in r and 'summary' not in r]
-            if pts:
-                ax.plot(*zip(*pts), label=label, marker='.' if len(pts) < 30 else None)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel('iteration')
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
 def report(run_dir, data_dir, done):
     """out_dir/report.md and out_dir/report.json (the same numbers, for the integration test)."""
-    from model import SKILLS
-    from ppo import read_run
+    from tasks import SKILLS
     bytes_per_token, chars_per_token, data_meta = val_text_stats(data_dir)
     pre = [r for r in read_jsonl(os.path.join(run_dir, 'pretrain', 'metrics.jsonl')) if 'full_val_loss' in r][-1]
     pre_iters = pre['iter']
@@ -302,8 +268,8 @@ def report(run_dir, data_dir, done):
         lines.append(f"- **{ex['prompt']}** (answer: `{ex['answer']}`)")
         for name, r in models.items():
             lines.append(f"  - {name}: `{r['examples'][i]!r}`")
-    plotted = curves_png(run_dir, os.path.join(run_dir, 'curves.png'))
-    lines += ['', '![loss curves](curves.png)' if plotted else '(matplotlib is not installed: no loss curves)']
+    curves_png(run_dir, os.path.join(run_dir, 'curves.png'))
+    lines += ['', '![loss curves](curves.png)']
     os.makedirs(os.path.join(run_dir, 'report'), exist_ok=True)
     write_text_atomic(os.path.join(run_dir, 'report.json'), json.dumps(card, indent=1))
     write_text_atomic(os.path.join(run_dir, 'report.md'), '\n'.join(lines) + '\n')

@@ -31,7 +31,7 @@ minibatch.
     python ppo.py config/ppo_tasks.py                                  # learned reward, adaptive KL
     python ppo.py config/ppo_tasks.py --kl_coef=0 --kl_target=0 --out_dir=out-ppo-beta0   # no KL penalty
     python ppo.py config/ppo_tasks.py --reward=gold --out_dir=out-ppo-gold                # the checker
-    python ppo.py --compare=out-ppo,out-ppo-beta0        # a table of finished runs (and a plot, if matplotlib)
+    python ppo.py --compare=out-ppo,out-ppo-beta0        # a table of finished runs, and a plot
 
 Logs per iteration (metrics.jsonl): mean score of the rollouts (the reward model's, or gold), their gold
 accuracy, KL to the reference, beta, PPO's clip fraction, the approximate KL between the policy before and
@@ -52,9 +52,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (GPT, GPTConfig, apply_lora, chat_ids, check_answer, clean_state_dict, find_model, gold_accuracy,
-                   load_checkpoint, load_tokenizer, lora_disabled, merged_gpt, model_from_checkpoint, pad_batch,
-                   parse_lora_targets, render_prompt, save_checkpoint, setup_device)
+from common import seed_everything, setup_device
+from model import (GPT, GPTConfig, apply_lora, clean_state_dict, find_model, load_checkpoint, lora_disabled,
+                   merged_gpt, model_from_checkpoint, pad_batch, parse_lora_targets, save_checkpoint)
+from tasks import chat_ids, check_answer, gold_accuracy, render_prompt
+from tokenizer import load_tokenizer
+from plots import compare_runs
 from reward import RewardModel, load_reward_model, score_ids
 
 # -----------------------------------------------------------------------------
@@ -72,6 +75,8 @@ group_size = 1               # replies per prompt. > 1: each reply's score minus
                              # replies to its prompt (a leave-one-out baseline, as RLOO does; GRPO is similar):
                              # a prompt whose replies all score the same then teaches nothing, instead of
                              # pushing all of its (say, all wrong) replies down
+push_down = True             # False: a negative score (after the baseline) becomes 0, so only the replies that
+                             # beat their baseline are pushed up and none is pushed down (see config/ppo_tasks.py)
 max_new_tokens = 16          # a reply that has not said <|end|> by then is cut (and scored as it is)
 temperature = 1.0            # the policy PPO trains is softmax(logits / temperature): rollouts sample from it
                              # and every log-prob (ratio, KL, entropy) is taken from it, so the math is exact.
@@ -109,7 +114,7 @@ eval_interval = 25
 eval_tasks = 250             # val task prompts for gold accuracy during training (0 disables); test at the ends
 log_interval = 1
 # comparing finished runs instead of training
-compare = ''                 # comma-separated out_dirs: print a table of their results, plot if matplotlib
+compare = ''                 # comma-separated out_dirs: print a table of their results and plot them
 compare_plot = 'ppo_compare.png'
 # system
 device = 'auto'
@@ -330,83 +335,6 @@ def load_prompt_file(path):
 
 
 # -----------------------------------------------------------------------------
-# Comparing finished runs: a table (and a plot)
-
-def read_run(out_dir):
-    with open(os.path.join(out_dir, 'metrics.jsonl'), encoding='utf-8') as f:
-        records = [json.loads(line) for line in f]
-    iters = [r for r in records if 'kl' in r and 'eval' not in r and 'summary' not in r]
-    evals = [r for r in records if 'eval' in r]
-    summary = next((r for r in reversed(records) if 'summary' in r), None)
-    return iters, evals, summary
-
-
-def compare_runs(out_dirs, plot_path=None, smooth=5):
-    """A Markdown table of finished runs: the supervised model (the first run's starting point) and each run's
-    end; rollout columns average the first and the last 5 iterations (single batches are noisy). Plots, if
-    matplotlib imports, the rollouts' score, gold accuracy and KL (moving averages of `smooth` iterations)
-    and the held-out gold accuracy at each evaluation to plot_path."""
-    def avg(key, recs):
-        vals = [r[key] for r in recs if r.get(key) is not None]
-        return sum(vals) / len(vals) if vals else None
-
-    def fmt(x, spec):
-        return '-' if x is None else format(x, spec)
-
-    head = ["run", "reward", "beta (start -> end)", "KL target", "iters", "rollout score (first 5 -> last 5)",
-            "rollout gold acc", "KL to SFT (last 5)", "val acc (greedy)", "test acc (greedy)",
-            "val reward-model score (greedy)", "train s"]
-    rows = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    runs = {}
-    for d in out_dirs:
-        iters, evals, summary = read_run(d)
-        if not iters or summary is None:
-            raise ValueError(f"{d}: not a finished ppo.py run (no per-iteration records or no summary)")
-        runs[d] = (iters, [e for e in evals if 'accuracy' in e])
-        cfg, before, after = summary['summary']['config'], summary['before'], summary['after']
-        if d == out_dirs[0]:
-            rows.append(f"| SFT (start of {d}) | - | - | - | 0 | {fmt(avg('score', iters[:1]), '.3f')} | "
-                        f"{fmt(avg('gold_accuracy', iters[:1]), '.1%')} | 0 | "
-                        f"{fmt(before.get('accuracy', {}).get('all'), '.1%')} | "
-                        f"{fmt(before.get('test_accuracy', {}).get('all'), '.1%')} | {fmt(before.get('score'), '.3f')} | - |")
-        rows.append(f"| {d} | {cfg['reward']} | {cfg['kl_coef']:.3g} -> {iters[-1]['kl_coef']:.3g} | "
-                    f"{cfg['kl_target'] or '-'} | {iters[-1]['iter']} | {fmt(avg('score', iters[:5]), '.3f')} -> "
-                    f"{fmt(avg('score', iters[-5:]), '.3f')} | {fmt(avg('gold_accuracy', iters[:5]), '.1%')} -> "
-                    f"{fmt(avg('gold_accuracy', iters[-5:]), '.1%')} | {fmt(avg('kl', iters[-5:]), '.2f')} | "
-                    f"{fmt(after.get('accuracy', {}).get('all'), '.1%')} | "
-                    f"{fmt(after.get('test_accuracy', {}).get('all'), '.1%')} | {fmt(after.get('score'), '.3f')} | "
-                    f"{summary['summary']['train_seconds']:.0f} |")
-    table = '\n'.join(rows)
-    if not plot_path:
-        return table, False
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return table, False
-    keys = [('score', 'rollout score (the reward used)'), ('gold_accuracy', 'rollout gold accuracy (sampled)'),
-            ('kl', 'KL(policy || SFT), nats per reply')]
-    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4.5 * (len(keys) + 1), 3.6))
-    for ax, (key, title) in zip(axes, keys):
-        for d, (iters, _) in runs.items():
-            pts = [(r['iter'], r[key]) for r in iters if r.get(key) is not None]
-            ys = [sum(y for _, y in pts[max(0, i - smooth + 1):i + 1]) / len(pts[max(0, i - smooth + 1):i + 1])
-                  for i in range(len(pts))]
-            ax.plot([x for x, _ in pts], ys, label=d)
-        ax.set_title(title + (f', mean of {smooth}' if smooth > 1 else ''), fontsize=9)
-        ax.set_xlabel('iteration')
-    for d, (_, evals) in runs.items():
-        axes[-1].plot([e['iter'] for e in evals], [e['accuracy']['all'] for e in evals], marker='o', label=d)
-    axes[-1].set_title('held-out gold accuracy (greedy, val)', fontsize=9)
-    axes[-1].set_xlabel('iteration')
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(plot_path, dpi=120)
-    return table, True
-
-
-# -----------------------------------------------------------------------------
 if __name__ == '__main__':
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -419,11 +347,11 @@ if __name__ == '__main__':
 
     if compare:
         try:
-            table, plotted = compare_runs([d for d in compare.split(',') if d], compare_plot)
+            table = compare_runs([d for d in compare.split(',') if d], compare_plot)
         except (OSError, ValueError, KeyError) as e:
             fail(f"cannot compare {compare}: {e}")
         print(table)
-        print(f"plot: {compare_plot}" if plotted else "matplotlib is not installed: no plot")
+        print(f"plot: {compare_plot}")
         sys.exit(0)
 
     # every check that needs no model comes first
@@ -487,10 +415,10 @@ if __name__ == '__main__':
         fail("reward='gold' needs an 'answer' for every prompt")
 
     # -------------------------------------------------------------------------
-    # processes, devices, precision (model.setup_device, as in train.py)
+    # processes, devices, precision (common.setup_device, as in train.py)
     ddp, ddp_rank, ddp_world_size, device, device_type, dtype, ctx = setup_device(device, dtype)
     master_process = ddp_rank == 0
-    torch.manual_seed(seed)
+    seed_everything(seed)  # LoRA's A matrices, the reward head: the same on every run and every process
 
     # -------------------------------------------------------------------------
     # the policy and the reference: both start as the supervised model
@@ -624,14 +552,36 @@ if __name__ == '__main__':
                                              / rm_std).mean().item()
             if not key:
                 result['example'] = {'prompt': ts[0]['prompt'], 'reply': replies[0]}
+        if tasks:
+            result['sampled'] = sampled_eval(tasks)
         if result:
             text = '; '.join(f"{'test' if k.startswith('test') else 'val'} gold accuracy: " + ', '.join(
                 f"{s} {v:.0%}" for s, v in result[k].items()) for k in ('accuracy', 'test_accuracy') if k in result)
             text += ''.join(f"; {'test' if k.startswith('test') else 'val'} reward-model score {result[k]:.3f}"
                             for k in ('score', 'test_score') if k in result)
+            if 'sampled' in result:
+                s = result['sampled']
+                text += (f"; sampled: gold accuracy {s['gold_accuracy']:.1%}, KL {s['kl']:.3f}"
+                         + (f", reward-model score {s['score']:.3f}" if s['score'] is not None else ''))
             print(f"[{tag}] {text}")
         log({'iter': iter_num, 'eval': tag, **result})
         return result
+
+    @torch.no_grad()
+    def sampled_eval(tasks):
+        """One reply per held-out prompt sampled as the rollouts are (same temperature, a fixed seed): its gold
+        accuracy, the reward model's score and KL(policy || reference) (the summed log-ratio, averaged). One
+        point of the over-optimization plot: the proxy and the truth against the distance travelled."""
+        records = [{'prompt': [{'role': 'user', 'content': t['prompt']}], 'answer': t['answer']} for t in tasks]
+        gen = torch.Generator(device).manual_seed(seed)
+        with ctx:
+            ro = rollout(policy, [encode_prompt(r['prompt']) for r in records], max_new_tokens, end_token, gen,
+                         vocab_limit, temperature)
+            ref = reference_logprobs(policy, ref_model, ro['idx'], vocab_limit, temperature).float()
+        _, gold, rm_scores = score_rollouts(records, ro)
+        return dict(kl=((ro['logprobs'] - ref) * ro['mask']).sum(1).mean().item(),
+                    gold_accuracy=sum(gold) / len(gold),
+                    score=rm_scores.mean().item() if rm_scores is not None else None)
 
     def save():
         """ckpt.pt: the training state (policy with its adapters, value model, optimizers, beta); sample.py and
@@ -677,6 +627,8 @@ if __name__ == '__main__':
         raw_scores = scores  # logged; the reward is the centred score when group_size > 1
         if group_size > 1:
             scores = leave_one_out(scores, group_size)
+        if not push_down:
+            scores = scores.clamp(min=0)
 
         # 2. per-token rewards, values, advantages (no gradient: these are the targets)
         with torch.no_grad(), ctx:

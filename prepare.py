@@ -16,6 +16,8 @@ import sys
 
 import numpy as np
 
+from common import write_text_atomic
+
 # -----------------------------------------------------------------------------
 dataset = ''          # output folder under data_dir; also picks defaults for the known datasets below
 input = ''            # a text file or a directory of them; empty: the known dataset's download
@@ -116,7 +118,7 @@ def build_tokenizer(kind, files):
         return (lambda text: [stoi[c] for c in text]), dict(tokenizer='char', vocab=vocab, vocab_size=len(vocab),
                                                             eot_token=None)
     if kind == 'gpt2':
-        from model import gpt2_encoding
+        from tokenizer import gpt2_encoding
         try:
             enc = gpt2_encoding()
         except RuntimeError as e:
@@ -138,7 +140,7 @@ def build_tokenizer(kind, files):
 
 def fetch_tinyshakespeare(path, url, dataset, data_dir):
     """Download tinyshakespeare (size and sha256 checked) or say how to pass it offline."""
-    from model import download
+    from download import download
     try:
         download(url, path, expected_sha256=TINYSHAKESPEARE['sha256'], expected_size=TINYSHAKESPEARE['size'])
     except RuntimeError as e:
@@ -234,15 +236,9 @@ def prepare(dataset, input, tokenizer, val_fraction, data_dir, url):
 CHAT_BASE_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++|\p{N}| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
-def write_text_atomic(path, text):
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-        f.write(text)
-    os.replace(path + '.tmp', path)
-
-
 def prepare_tasks(data_dir, n_per_skill, seed):
-    """data/tasks/{train,val,test}.jsonl: seeded, disjoint instances of every skill (see model.py)."""
-    from model import make_task_suite
+    """data/tasks/{train,val,test}.jsonl: seeded, disjoint instances of every skill (see tasks.py)."""
+    from tasks import make_task_suite
     out_dir = os.path.join(data_dir, 'tasks')
     os.makedirs(out_dir, exist_ok=True)
     suite = make_task_suite(n_per_skill, seed)
@@ -258,7 +254,7 @@ def prepare_chat_base(data_dir, input, url, vocab_size, seed):
     knows some of the skills but has never seen a chat."""
     import random
     import bpe
-    from model import CHAT_TOKENS
+    from tokenizer import CHAT_TOKENS
     out_dir = os.path.join(data_dir, 'shakespeare_tasks')
     os.makedirs(out_dir, exist_ok=True)
     shakespeare = input or os.path.join(out_dir, 'shakespeare.txt')
@@ -308,7 +304,7 @@ def preference_pairs(task, replies, max_pairs, rng):
     against a distinct incorrect one. Left out as rejected: empty replies (not valid preference data) and
     unfinished ones, cut off before <|end|>: the model never produced them followed by <|end|>, as the pair
     would show them, and pushing that down teaches the policy not to stop."""
-    from model import check_answer
+    from tasks import check_answer
     correct = dedupe(r for r, _ in replies if check_answer(task, r))
     wrong = dedupe(r for r, finished in replies if finished and r.strip() and not check_answer(task, r))
     pairs = [(c, w) for c in correct for w in wrong]
@@ -321,8 +317,9 @@ def prepare_prefs(data_dir, sft_dir, n_prompts, n_val_prompts, k, max_pairs, tem
     """data/prefs/{train,val}.jsonl from train and val task prompts, and meta.json with what was kept."""
     import random
     import torch
-    from model import SKILLS, check_answer, check_preference, chat_ids, load_tokenizer, model_from_checkpoint, \
-        sample_replies
+    from model import model_from_checkpoint
+    from tasks import SKILLS, chat_ids, check_answer, check_preference, sample_replies
+    from tokenizer import load_tokenizer
     path = os.path.join(sft_dir, 'model.pt')
     if not os.path.exists(path):
         fail(f"no supervised model at {path}: run finetune_lora.py first, or pass --sft_dir=DIR")

@@ -27,10 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (SKILLS, GPT, GPTConfig, apply_lora, chat_ids, check_answer, clean_state_dict, encode_preferences,
-                   find_model, get_lr, load_checkpoint, load_tokenizer, merge_lora, model_from_checkpoint, pad_batch,
-                   parse_lora_targets, preference_batch, preference_splits, render_prompt, sample_replies,
-                   save_checkpoint, setup_device)
+from common import get_lr, seed_everything, setup_device
+from model import (GPT, GPTConfig, apply_lora, clean_state_dict, find_model, load_checkpoint, merge_lora,
+                   model_from_checkpoint, pad_batch, parse_lora_targets, save_checkpoint)
+from tasks import (SKILLS, chat_ids, check_answer, encode_preferences, preference_batch, preference_splits,
+                   render_prompt, sample_replies)
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt)
@@ -99,7 +101,7 @@ def reward_loss(r_chosen, r_rejected):
 
 def load_reward_model(path, device='cpu'):
     """The reward model saved by reward.py, in eval mode; returns (reward_model, meta). Its tokenizer:
-    model.load_tokenizer(meta['data_meta'])."""
+    tokenizer.load_tokenizer(meta['data_meta'])."""
     ckpt, meta = load_checkpoint(path, map_location=device)
     rm = RewardModel(GPT(GPTConfig(**meta['model_args'])))
     rm.load_state_dict(clean_state_dict(ckpt['model']))
@@ -107,7 +109,7 @@ def load_reward_model(path, device='cpu'):
 
 
 def reply_ids(prompt, reply, tokenizer, block_size):
-    """prompt + reply + <|end|>, cut as model.preference_example cuts a pair: the prompt loses its start
+    """prompt + reply + <|end|>, cut as tasks.preference_example cuts a pair: the prompt loses its start
     first (keeping at least half the block for the reply), then the reply its end."""
     p = render_prompt(prompt if isinstance(prompt, list) else [{'role': 'user', 'content': prompt}], tokenizer)
     r = tokenizer.encode_ordinary(reply) + [chat_ids(tokenizer)[2]]
@@ -190,13 +192,13 @@ if __name__ == '__main__':
         fail(str(e))
 
     # -------------------------------------------------------------------------
-    # processes, devices, precision (model.setup_device, as in train.py)
+    # processes, devices, precision (common.setup_device, as in train.py)
     ddp, ddp_rank, ddp_world_size, device, device_type, dtype, ctx = setup_device(device, dtype)
     if gradient_accumulation_steps % ddp_world_size:
         fail(f"gradient_accumulation_steps must divide by the {ddp_world_size} processes")
     master_process = ddp_rank == 0
     accum_steps = gradient_accumulation_steps // ddp_world_size
-    torch.manual_seed(seed)
+    seed_everything(seed)  # LoRA's A matrices, the reward head: the same on every run and every process
 
     # -------------------------------------------------------------------------
     # the supervised model becomes the trunk; its replies (sampled before any training) are what the
@@ -328,6 +330,7 @@ if __name__ == '__main__':
         for micro_step in range(accum_steps):
             rng = np.random.default_rng([seed, iter_num, ddp_rank * accum_steps + micro_step])
             idx, _, lengths = get_batch(train_data, rng)
+            torch.manual_seed(int(rng.integers(2**62)))  # dropout masks: a function of (seed, iteration, micro-step)
             if ddp:
                 model.require_backward_grad_sync = (micro_step == accum_steps - 1)
             with ctx:

@@ -16,7 +16,9 @@ from contextlib import nullcontext
 
 import torch
 
-from model import GPT, chat_ids, load_tokenizer, model_from_checkpoint, render_prompt
+from model import GPT, model_from_checkpoint
+from tasks import chat_ids, render_prompt
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'   # 'resume' (the checkpoint in out_dir) or a GPT-2 name / local HF directory

@@ -23,7 +23,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, GPT2_NAMES, GPTConfig, clean_state_dict, get_lr, load_checkpoint, save_checkpoint, setup_device
+from common import get_lr, seed_everything, setup_device
+from download import GPT2_NAMES
+from model import GPT, GPTConfig, clean_state_dict, load_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # default config: GPT-2 124M on OpenWebText, as nanoGPT. Config files in config/ override these.
@@ -97,7 +99,7 @@ if decay_lr and lr_decay_iters <= warmup_iters:
 # processes and devices
 # Launched by torchrun (RANK is set), each process joins the group and takes its own GPU; dtype 'auto' is
 # bf16 on GPUs that have it, fp16 on older ones, fp32 elsewhere, and ctx runs forward passes in it
-# (autocast; a no-op in fp32). model.setup_device spells the steps out.
+# (autocast; a no-op in fp32). common.setup_device spells the steps out.
 ddp, ddp_rank, ddp_world_size, device, device_type, dtype, ctx = setup_device(device, dtype, backend)
 if gradient_accumulation_steps % ddp_world_size:
     fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must divide by the {ddp_world_size} processes")
@@ -162,7 +164,7 @@ iter_num, best_val_loss = 0, float('inf')
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=None, dropout=dropout, pos_emb=pos_emb)
 ckpt = None
-torch.manual_seed(seed)  # the same initial weights on every run and every process
+seed_everything(seed)  # the same initial weights on every run and every process
 if init_from == 'scratch':
     # GPT-2's 50257 rounded up to 50304 (a multiple of 64) for speed; small vocabularies as they are
     model_args['vocab_size'] = 50304 if data_meta['tokenizer'] == 'gpt2' else data_meta['vocab_size']

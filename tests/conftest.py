@@ -110,5 +110,5 @@ def tok_meta(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def tokenizer(tok_meta):
-    from model import load_tokenizer
+    from tokenizer import load_tokenizer
     return load_tokenizer(tok_meta)

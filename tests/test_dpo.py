@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import model as M
+import tasks as T
 from conftest import error_line, read_metrics, run
 from dpo import dpo_loss, reference_reply_logprobs
 from model import GPT, GPTConfig
-
 
 
 # -----------------------------------------------------------------------------
@@ -123,38 +123,10 @@ PAIRS = [
 ]
 
 
-def test_preference_example_masks_exactly_the_reply(tokenizer):
-    user, assistant, end = M.chat_ids(tokenizer)
-    for p in PAIRS:
-        pref = M.check_preference(p)
-        ex = M.preference_example(pref, tokenizer, block_size=64)
-        prompt = M.render_prompt(pref['prompt'], tokenizer)
-        for k in ('chosen', 'rejected'):
-            reply = tokenizer.encode_ordinary(p[k]) + [end]
-            assert ex[k] == prompt + reply
-            assert ex[k + '_mask'] == [False] * len(prompt) + [True] * len(reply)
-        assert not ex['truncated']
-
-
-def test_preference_example_truncates_prompt_start_then_reply_end(tokenizer):
-    long_prompt = 'word ' * 40
-    p = M.check_preference({'prompt': long_prompt, 'chosen': 'short', 'rejected': 'x' * 50})
-    ex = M.preference_example(p, tokenizer, block_size=48)
-    full_prompt = M.render_prompt(p['prompt'], tokenizer)
-    assert ex['truncated'] and len(ex['chosen']) <= 48 and len(ex['rejected']) <= 48
-    n_prompt = ex['chosen_mask'].count(False)
-    assert n_prompt == ex['rejected_mask'].count(False) == 24  # half the block kept for the replies
-    assert ex['chosen'][:n_prompt] == full_prompt[-n_prompt:] == ex['rejected'][:n_prompt]  # its end kept
-    assert ex['rejected'][n_prompt:] == tokenizer.encode_ordinary('x' * 50)[:24]            # reply's start kept
-    # replies that only differ beyond the block are the same sequence: no pair left
-    same = M.check_preference({'prompt': 'hi', 'chosen': 'y' * 80 + 'a', 'rejected': 'y' * 80 + 'b'})
-    assert M.preference_example(same, tokenizer, block_size=48) is None
-
-
 def test_response_logprobs_sum_reply_tokens_only(tokenizer, monkeypatch):
     model = tiny_gpt().eval()
-    examples = [M.preference_example(M.check_preference(p), tokenizer, 64) for p in PAIRS]
-    idx, mask, lengths = M.preference_batch(examples)
+    examples = [T.preference_example(T.check_preference(p), tokenizer, 64) for p in PAIRS]
+    idx, mask, lengths = T.preference_batch(examples)
     with torch.no_grad():
         batched = M.response_logprobs(model, idx, mask)
         # reference: each sequence alone, each reply token's probability from a forward pass over its prefix
@@ -180,8 +152,8 @@ def test_response_logprobs_sum_reply_tokens_only(tokenizer, monkeypatch):
 # step 0: the policy is the reference
 
 def step0(policy, ref_model, tokenizer, beta=0.1):
-    examples = [M.preference_example(M.check_preference(p), tokenizer, 64) for p in PAIRS]
-    idx, mask, _ = M.preference_batch(examples)
+    examples = [T.preference_example(T.check_preference(p), tokenizer, 64) for p in PAIRS]
+    idx, mask, _ = T.preference_batch(examples)
     ref_c, ref_r = reference_reply_logprobs(policy, ref_model, idx, mask).view(2, -1)
     pol_c, pol_r = M.response_logprobs(policy, idx, mask).view(2, -1)
     losses, rc, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta)
@@ -241,8 +213,8 @@ def toy_setup(tmp_path_factory, tok_meta):
 
 def margin(path_or_model, tokenizer, prefs):
     m = path_or_model if isinstance(path_or_model, GPT) else M.model_from_checkpoint(str(path_or_model))[0]
-    examples = [M.preference_example(M.check_preference(p), tokenizer, 64) for p in prefs]
-    idx, mask, _ = M.preference_batch(examples)
+    examples = [T.preference_example(T.check_preference(p), tokenizer, 64) for p in prefs]
+    idx, mask, _ = T.preference_batch(examples)
     with torch.no_grad():
         c, r = M.response_logprobs(m.eval(), idx, mask).view(2, -1)
     return (c - r).mean().item()
@@ -292,15 +264,3 @@ def test_dpo_bad_input_fails_with_one_line_before_work(toy_setup, args, message)
     assert not (d / 'never').exists()
 
 
-def test_preference_splits_say_what_is_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match='python prepare.py prefs'):
-        M.preference_splits('prefs', str(tmp_path))
-    with pytest.raises(FileNotFoundError, match='not found'):
-        M.preference_splits(str(tmp_path / 'none.jsonl'), str(tmp_path))
-    # without val_data a seeded share is held out, disjoint from train
-    write_jsonl(tmp_path / 'p.jsonl', toy_prefs(40, 0))
-    train, val, report = M.preference_splits(str(tmp_path / 'p.jsonl'), str(tmp_path), val_fraction=0.25, seed=3)
-    assert len(train) == 30 and len(val) == 10 and not report
-    assert sorted(p['prompt'][0]['content'] for p in train + val) == sorted(p['prompt'] for p in toy_prefs(40, 0))
-    again = M.preference_splits(str(tmp_path / 'p.jsonl'), str(tmp_path), val_fraction=0.25, seed=3)
-    assert again[1] == val

@@ -1,13 +1,13 @@
 """LoRA, the chat format and finetune_lora.py, against references: the base model's own outputs, the
 merge written out as W + scale * B @ A, and losses computed by hand over assistant tokens."""
 import json
-import math
 
 import pytest
 import torch
 
-import bpe
 import model as M
+import tasks as T
+import tokenizer as TK
 from conftest import SHAKESPEARE, run
 from model import GPT, GPTConfig, apply_lora, lora_disabled, merge_lora
 
@@ -17,14 +17,6 @@ def tiny(vocab_size=40, **kw):
     cfg = dict(block_size=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)
     cfg.update(kw)
     return GPT(GPTConfig(**cfg)).eval()
-
-
-@pytest.fixture(scope='module')
-def chat_tokenizer():
-    tok = bpe.Tokenizer('gpt2')
-    tok.train("Repeat after me: cat dog owl. What is 12 plus 30? 42 " * 20, 300)
-    tok.register_special_tokens(['<|endoftext|>', *M.CHAT_TOKENS])
-    return tok
 
 
 def lora_model(rank=4, targets=('attn', 'proj', 'mlp_in', 'mlp_out')):
@@ -150,108 +142,6 @@ def test_adapter_save_load_round_trip(tmp_path):
     assert torch.equal(fresh(idx, torch.zeros_like(idx))[0], m(idx, torch.zeros_like(idx))[0])
 
 
-def test_chat_renderer_round_trips_and_masks_assistant(chat_tokenizer):
-    tok = chat_tokenizer
-    chat = [{'role': 'user', 'content': 'Repeat after me: cat <|end|> dog'},
-            {'role': 'assistant', 'content': 'cat <|end|> dog'},
-            {'role': 'user', 'content': 'What is 12 plus 30?'},
-            {'role': 'assistant', 'content': '42'}]
-    ids, mask = M.render_chat(chat, tok)
-    assert M.parse_chat(ids, tok) == chat  # special-looking text in content stays text
-    user, assistant, end = M.chat_ids(tok)
-    assert ids.count(end) == 4  # typed '<|end|>' did not become the special token
-    # the mask covers exactly each assistant content plus its <|end|>
-    expected = []
-    for m in chat:
-        n = len(tok.encode_ordinary(m['content']))
-        expected += [False] + [m['role'] == 'assistant'] * (n + 1)
-    assert mask == expected
-    prompt = M.render_prompt(chat[:1], tok)
-    assert prompt[-1] == assistant and prompt[:-1] == M.render_chat(chat[:1], tok)[0]
-
-
-def test_only_assistant_tokens_carry_loss(chat_tokenizer):
-    tok = chat_tokenizer
-    m = tiny(vocab_size=tok.n_vocab, block_size=64)
-    chat = [{'role': 'user', 'content': 'What is 12 plus 30?'}, {'role': 'assistant', 'content': '42'}]
-    x, y = M.chat_example(chat, tok, 64)
-    x, y = torch.tensor([x]), torch.tensor([y])
-    _, loss = m(x, y)
-    # by hand: mean negative log-probability of the assistant tokens only
-    logits = m(x, torch.zeros_like(x))[0][0]
-    ids, mask = M.render_chat(chat, tok)
-    nll = [-torch.log_softmax(logits[t], -1)[ids[t + 1]] for t in range(len(ids) - 1) if mask[t + 1]]
-    assert abs(loss.item() - (sum(nll) / len(nll)).item()) < 1e-5
-    # changing a prompt token's target leaves the loss unchanged, changing an assistant one does not
-    raw = torch.tensor([ids[1:]])  # the unmasked next tokens
-    keep = torch.tensor([mask[1:]])
-    prompt_t = next(t for t in range(len(ids) - 1) if not mask[t + 1])
-    answer_t = next(t for t in range(len(ids) - 1) if mask[t + 1])
-    for t, same in ((prompt_t, True), (answer_t, False)):
-        changed = raw.clone()
-        changed[0, t] = (changed[0, t] + 1) % tok.n_vocab
-        _, loss2 = m(x, torch.where(keep, changed, -1))
-        assert (abs(loss2.item() - loss.item()) < 1e-7) == same
-
-
-def test_long_conversation_is_truncated_at_the_end(chat_tokenizer):
-    tok = chat_tokenizer
-    chat = [{'role': 'user', 'content': 'cat ' * 10}, {'role': 'assistant', 'content': 'dog ' * 50}]
-    x, y = M.chat_example(chat, tok, 24)
-    full, _ = M.render_chat(chat, tok)
-    assert len(x) == 24 and x == full[:24] and y[-1] == full[24]
-    # a prompt that fills the whole block leaves nothing to learn: dropped
-    assert M.chat_example([{'role': 'user', 'content': 'cat ' * 40}, chat[1]], tok, 24) is None
-
-
-def test_task_suite_is_seeded_disjoint_and_checkable():
-    a, b = M.make_task_suite(50, seed=3), M.make_task_suite(50, seed=3)
-    assert a == b
-    keys = {s: {t['key'] for t in v} for s, v in a.items()}
-    assert not keys['train'] & keys['val'] and not keys['train'] & keys['test'] and not keys['val'] & keys['test']
-    assert {t['skill'] for t in a['test']} == set(M.SKILLS)
-    for t in a['train']:
-        assert M.check_answer(t, ' ' + t['answer'] + '\n')
-        assert not M.check_answer(t, t['answer'] + ' x')
-    # the answers against a slow recomputation from the prompt's words
-    for t in a['train']:
-        words = t['prompt'].split(': ')[-1].split()
-        if t['skill'] == 'sort':
-            assert t['answer'] == ' '.join(sorted(words))
-        elif t['skill'] == 'reverse':
-            assert t['answer'] == ' '.join(words[::-1])
-        elif t['skill'] == 'add':
-            nums = [int(w.strip('?.')) for w in t['prompt'].split() if w.strip('?.').isdigit()]
-            assert int(t['answer']) == sum(nums)
-
-
-def test_gold_accuracy_with_a_model_that_answers_by_rule(chat_tokenizer):
-    # a stand-in model whose greedy reply is the right answer for 'copy' tasks: accuracy must be 100% there
-    tok = chat_tokenizer
-    tasks = [t for t in M.make_task_suite(20, seed=1)['test'] if t['skill'] in ('copy', 'add')]
-
-    class Oracle(torch.nn.Module):
-        training = False
-
-        def eval(self):
-            return self
-
-        def train(self, mode=True):
-            return self
-
-        def generate(self, prompts, n, temperature, stop_token, vocab_limit):
-            out = []
-            for p in prompts:
-                text = tok.decode(p)
-                task = next(t for t in tasks if t['prompt'] in text)
-                out.append(tok.encode_ordinary(task['answer'] if task['skill'] == 'copy' else 'no'))
-            return out
-
-    acc, replies = M.gold_accuracy(Oracle(), tok, tasks)
-    assert acc['copy'] == 1.0 and acc['add'] == 0.0
-    assert math.isclose(acc['all'], sum(t['skill'] == 'copy' for t in tasks) / len(tasks))
-
-
 # -----------------------------------------------------------------------------
 # finetune_lora.py end to end: a tiny base pretrained on Shakespeare plus task text, then SFT
 
@@ -291,9 +181,9 @@ def test_full_sft_raises_gold_accuracy_on_easiest_skill(chat_base):
     assert 'pretrain_val_loss' in s['before'] and 'pretrain_val_loss' in s['after']
     # the exported model.pt is a plain GPT whose greedy replies give the logged accuracy
     m, meta = M.model_from_checkpoint(str(chat_base / 'sft_full' / 'model.pt'))
-    tok = M.load_tokenizer(meta['data_meta'])
+    tok = TK.load_tokenizer(meta['data_meta'])
     tasks = [json.loads(line) for line in open(chat_base / 'tasks' / 'test.jsonl')]
-    acc, replies = M.gold_accuracy(m, tok, tasks)
+    acc, replies = T.gold_accuracy(m, tok, tasks)
     assert acc == after
     # sample.py's chat mode gives the same greedy reply to the same prompt, over two turns
     t = tasks[0]

@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import common as C
+import download as D
 import model as M
 from conftest import HF_TINY
 from model import GPT, GPTConfig, apply_rope, sample_next
@@ -233,8 +235,8 @@ def test_from_pretrained_downloads_over_http_and_caches(http_server, tmp_path, m
     hub.mkdir(parents=True)
     for f in ('config.json', 'model.safetensors'):
         shutil.copy(HF_TINY / f, hub / f)
-    monkeypatch.setattr(M, 'HF_ENDPOINT', url)
-    monkeypatch.setattr(M, 'CACHE_DIR', str(tmp_path / 'cache'))
+    monkeypatch.setattr(D, 'HF_ENDPOINT', url)
+    monkeypatch.setattr(D, 'CACHE_DIR', str(tmp_path / 'cache'))
     m = GPT.from_pretrained('gpt2').eval()
     ref = np.load(HF_TINY / 'reference.npz')
     assert np.abs(all_logits(m, torch.tensor(ref['input_ids'])).detach().numpy() - ref['logits']).max() < 1e-4
@@ -242,7 +244,7 @@ def test_from_pretrained_downloads_over_http_and_caches(http_server, tmp_path, m
     assert cached.read_bytes() == (HF_TINY / 'model.safetensors').read_bytes()
     shutil.rmtree(hub)  # the second load must come from the cache, not the server
     GPT.from_pretrained('gpt2')
-    monkeypatch.setattr(M, 'CACHE_DIR', str(tmp_path / 'cache2'))
+    monkeypatch.setattr(D, 'CACHE_DIR', str(tmp_path / 'cache2'))
     with pytest.raises(RuntimeError, match='Offline'):
         GPT.from_pretrained('gpt2')
     assert not list((tmp_path / 'cache2').rglob('*.part'))  # nothing half-written is left behind
@@ -279,11 +281,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_setup_device_on_one_cpu_process_and_a_bad_dtype():
     import contextlib
-    ddp, rank, world, device, device_type, dtype, ctx = M.setup_device('cpu', 'auto')
+    ddp, rank, world, device, device_type, dtype, ctx = C.setup_device('cpu', 'auto')
     assert (ddp, rank, world, device, device_type, dtype) == (False, 0, 1, 'cpu', 'cpu', 'float32')
     assert isinstance(ctx, contextlib.nullcontext)  # fp32: no autocast
-    ctx = M.setup_device('cpu', 'bfloat16')[-1]
+    ctx = C.setup_device('cpu', 'bfloat16')[-1]
     with ctx:
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with pytest.raises(SystemExit, match="dtype must be auto"):
-        M.setup_device('cpu', 'fp8')
+        C.setup_device('cpu', 'fp8')

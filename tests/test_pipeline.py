@@ -129,17 +129,10 @@ def test_a_failing_stage_stops_the_run_and_keeps_earlier_stages(tmp_path):
     assert not (run_dir / 'pretrain').exists()
 
 
-def test_loss_curves_are_drawn_only_when_matplotlib_is_installed(ci_run, tmp_path, monkeypatch):
-    import sys
-    import pipeline
+def test_loss_curves_are_drawn(ci_run):
     run_dir, _, _ = ci_run
-    with monkeypatch.context() as m:
-        m.setitem(sys.modules, 'matplotlib', None)  # as if it were not installed: import raises ImportError
-        assert pipeline.curves_png(str(run_dir), str(tmp_path / 'none.png')) is False
-    assert not (tmp_path / 'none.png').exists()
-    pytest.importorskip('matplotlib')  # optional dependency: CI does not install it
-    assert pipeline.curves_png(str(run_dir), str(tmp_path / 'curves.png')) is True
-    assert (tmp_path / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert (run_dir / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert '![loss curves](curves.png)' in (run_dir / 'report.md').read_text()
 
 
 def test_every_profile_passes_only_settings_its_scripts_have():

@@ -11,8 +11,11 @@ import pytest
 import torch
 
 import model as M
+import tasks as T
+import tokenizer as TK
 from conftest import error_line, read_metrics, run
-from ppo import (KLController, ValueModel, compare_runs, explained_variance, gae, kl_penalty, leave_one_out,
+from plots import compare_runs
+from ppo import (KLController, ValueModel, explained_variance, gae, kl_penalty, leave_one_out,
                  logprobs_and_entropy, masked_mean, masked_whiten, policy_loss, reference_logprobs, rollout,
                  token_rewards, value_loss)
 from test_dpo import tiny_gpt, write_jsonl
@@ -178,8 +181,8 @@ def test_rollout_logprobs_equal_a_fresh_forward_pass(tokenizer):
     with torch.no_grad():  # non-zero adapters: the policy is not the reference
         for layer in M.lora_layers(policy):
             layer.lora_B.normal_(0, 0.2)
-    end = M.chat_ids(tokenizer)[2]
-    prompts = [M.render_prompt([{'role': 'user', 'content': t}], tokenizer) for t in ('Hi', 'Reverse: a b c', 'x')]
+    end = T.chat_ids(tokenizer)[2]
+    prompts = [T.render_prompt([{'role': 'user', 'content': t}], tokenizer) for t in ('Hi', 'Reverse: a b c', 'x')]
     ro = rollout(policy, prompts, 12, end, torch.Generator().manual_seed(5), vocab_limit=None)
     # the same tokens the KV-cached generator draws with the same seed
     again = policy.generate(prompts, 12, temperature=1.0, stop_token=end, generator=torch.Generator().manual_seed(5))
@@ -303,7 +306,7 @@ def toy(tmp_path_factory, tok_meta, tokenizer):
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     rng = random.Random(0)
     for step in range(150):
-        rows = [M.chat_example([{'role': 'user', 'content': t['prompt']},
+        rows = [T.chat_example([{'role': 'user', 'content': t['prompt']},
                                 {'role': 'assistant', 'content': rng.choice('abcd')}], tokenizer, 32)
                 for t in toy_tasks(32, 100 + step)]
         x = M.pad_batch([r[0] for r in rows])
@@ -316,7 +319,7 @@ def toy(tmp_path_factory, tok_meta, tokenizer):
     M.save_checkpoint(str(d / 'sft' / 'model.pt'), {'model': m.state_dict()},
                       dict(model_args=m.config.__dict__, data_meta=tok_meta))
     with torch.no_grad():
-        prompts = [M.render_prompt([{'role': 'user', 'content': t['prompt']}], tokenizer) for t in toy_tasks(40, 1)]
+        prompts = [T.render_prompt([{'role': 'user', 'content': t['prompt']}], tokenizer) for t in toy_tasks(40, 1)]
         probs = torch.stack([m(torch.tensor([p]))[0][0, -1].softmax(-1) for p in prompts]).mean(0)
     answer = min('abcd', key=lambda c: probs[tokenizer.encode_ordinary(c)[0]].item())
     (d / 'tasks').mkdir()
@@ -348,10 +351,10 @@ def test_ppo_script_learns_the_gold_answer(toy):
     assert summary['after']['test_accuracy']['all'] == 1.0 and summary['after']['accuracy']['copy'] == 1.0
     # both checkpoints load as a plain GPT (sample.py reads ckpt.pt) that gives the answer
     answer = json.loads((toy / 'tasks' / 'val.jsonl').read_text().splitlines()[0])['answer']
-    tok = M.load_tokenizer(M.load_checkpoint(str(out / 'model.pt'))[1]['data_meta'])
+    tok = TK.load_tokenizer(M.load_checkpoint(str(out / 'model.pt'))[1]['data_meta'])
     for name in ('model.pt', 'ckpt.pt'):
         gpt, _ = M.model_from_checkpoint(str(out / name))
-        acc, _ = M.gold_accuracy(gpt, tok, toy_tasks(10, 5, answer), max_new_tokens=4)
+        acc, _ = T.gold_accuracy(gpt, tok, toy_tasks(10, 5, answer), max_new_tokens=4)
         assert acc['all'] == 1.0
 
 
@@ -374,7 +377,7 @@ def test_ppo_script_with_a_reward_model_and_resume(toy, tok_meta):
     evals = [r for r in records if 'eval' in r]
     assert [e['eval'] for e in evals] == ['sft', 'iter 2', 'resumed at 2', 'iter 3']
     assert 'score' in evals[0] and 'test_score' in evals[0]
-    table, _ = compare_runs([str(out)])
+    table = compare_runs([str(out)])
     assert str(out) in table and 'SFT' in table
 
 

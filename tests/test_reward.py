@@ -2,25 +2,20 @@
 real token against a row-by-row forward pass, Bradley-Terry and the ranking metrics against hand
 computation, a toy preference it must learn, HH-RLHF transcripts (plain, gzipped, over HTTP) parsed into
 known prompts and replies, and prepare.py prefs keeping exactly the (correct, incorrect) pairs."""
-import functools
-import gzip
-import http.server
 import json
 import math
 import random
-import shutil
-import threading
-from pathlib import Path
 
 import pytest
 import torch
 
 import model as M
+import tasks as T
+import tokenizer as TK
 from conftest import error_line, read_metrics, run
 from reward import RewardModel, load_reward_model, ranking_metrics, reply_ids, reward_loss, score, score_ids
 from test_dpo import tiny_gpt, write_jsonl, write_sft
 
-FIXTURE = Path(__file__).parent / 'fixtures' / 'hh_rlhf_small.jsonl'
 
 
 # -----------------------------------------------------------------------------
@@ -63,14 +58,14 @@ def test_reward_loss_is_bradley_terry():
 def test_score_renders_prompt_and_reply_like_a_preference(tokenizer):
     rm = RewardModel(tiny_gpt()).eval()
     torch.nn.init.normal_(rm.head.weight)
-    pref = M.check_preference({'prompt': 'Reverse: a b', 'chosen': 'b a', 'rejected': 'a b'})
-    ex = M.preference_example(pref, tokenizer, 64)
+    pref = T.check_preference({'prompt': 'Reverse: a b', 'chosen': 'b a', 'rejected': 'a b'})
+    ex = T.preference_example(pref, tokenizer, 64)
     assert reply_ids('Reverse: a b', 'b a', tokenizer, 64) == ex['chosen']
     assert reply_ids(pref['prompt'], 'a b', tokenizer, 64) == ex['rejected']
     s = score(rm, tokenizer, ['Reverse: a b', pref['prompt']], ['b a', 'a b'])
     assert torch.allclose(s, score_ids(rm, [ex['chosen'], ex['rejected']]))
     long = reply_ids('x ' * 100, 'y' * 10, tokenizer, 64)  # too long: the prompt's start goes
-    assert len(long) == 64 and long[-11:] == tokenizer.encode_ordinary('y' * 10) + [M.chat_ids(tokenizer)[2]]
+    assert len(long) == 64 and long[-11:] == tokenizer.encode_ordinary('y' * 10) + [T.chat_ids(tokenizer)[2]]
 
 
 def test_ranking_metrics_by_hand():
@@ -121,7 +116,7 @@ def test_reward_model_learns_separable_preference(tmp_path, tok_meta, tokenizer,
     assert final['val_accuracy'] > 0.95 and final['val_margin'] > 0
     # independently: the saved model, loaded the way ppo.py loads it, ranks the held-out pairs
     rm, meta = load_reward_model(str(out / 'reward.pt'))
-    tok = M.load_tokenizer(meta['data_meta'])
+    tok = TK.load_tokenizer(meta['data_meta'])
     rc = score(rm, tok, [p['prompt'] for p in val], [p['chosen'] for p in val])
     rr = score(rm, tok, [p['prompt'] for p in val], [p['rejected'] for p in val])
     assert (rc > rr).float().mean().item() == pytest.approx(final['val_accuracy'], abs=1e-6)
@@ -145,109 +140,11 @@ def test_reward_bad_input_fails_with_one_line_before_work(tmp_path, tok_meta, ar
 
 
 # -----------------------------------------------------------------------------
-# HH-RLHF: whole transcripts that differ in the last assistant turn
 
-HH_EXPECTED = [
-    {'prompt': [{'role': 'user', 'content': 'What is the capital of France?'}],
-     'chosen': 'The capital of France is Paris.', 'rejected': "I don't know."},
-    {'prompt': [{'role': 'user', 'content': 'Can you help me bake bread?'},
-                {'role': 'assistant', 'content': 'Sure. Do you have yeast?'},
-                {'role': 'user', 'content': 'Yes, a packet.'}],
-     'chosen': 'Great: mix flour, water, salt and the yeast, knead, let it rise, then bake.',
-     'rejected': 'Buy some bread instead.'},
-    {'prompt': [{'role': 'user', 'content': "Translate 'caf\u00e9' to English."}],
-     'chosen': 'Coffee shop.\nIt can also mean coffee.', 'rejected': 'Tea.'},
-]
-HH_PROBLEMS = [(4, 'missing field rejected'), (5, 'chosen and rejected are identical'), (6, 'empty rejected'),
-               (7, 'chosen and rejected transcripts differ before the last Assistant turn'), (8, 'not JSON'),
-               (9, 'not an HH-RLHF transcript'), (10, 'a transcript does not end with an Assistant turn')]
-
-
-def check_hh(prefs, problems):
-    assert prefs == HH_EXPECTED
-    assert [n for n, _ in problems] == [n for n, _ in HH_PROBLEMS]
-    for (_, reason), (_, expected) in zip(problems, HH_PROBLEMS):
-        assert reason.startswith(expected)
-
-
-def test_hh_rlhf_plain_and_gzipped(tmp_path):
-    check_hh(*M.load_preferences(str(FIXTURE), str(tmp_path / 'cache')))
-    gz = tmp_path / 'train.jsonl.gz'
-    gz.write_bytes(gzip.compress(FIXTURE.read_bytes()))
-    check_hh(*M.load_preferences(str(gz), str(tmp_path / 'cache')))
-    plain_named_gz = tmp_path / 'plain.jsonl.gz'  # gzip is recognised by its bytes, not its name
-    shutil.copy(FIXTURE, plain_named_gz)
-    check_hh(*M.load_preferences(str(plain_named_gz), str(tmp_path / 'cache')))
-
-
-def test_hh_transcript_becomes_the_chat_format(tokenizer):
-    pref = HH_EXPECTED[1]
-    ids = M.preference_example(pref, tokenizer, 256)['chosen']
-    assert M.parse_chat(ids, tokenizer) == pref['prompt'] + [{'role': 'assistant', 'content': pref['chosen']}]
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def http_server(tmp_path):
-    """A local HTTP server over a temporary folder: (folder, base url)."""
-    root = tmp_path / 'www'
-    root.mkdir()
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(QuietHandler, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f'http://127.0.0.1:{server.server_address[1]}'
-    server.shutdown()
-
-
-def test_hh_rlhf_from_url_is_downloaded_once(http_server, tmp_path):
-    root, url = http_server
-    (root / 'helpful-base').mkdir()
-    (root / 'helpful-base' / 'train.jsonl.gz').write_bytes(gzip.compress(FIXTURE.read_bytes()))
-    cache = tmp_path / 'cache'
-    check_hh(*M.load_preferences(f'{url}/helpful-base/train.jsonl.gz', str(cache)))
-    assert len(list(cache.glob('*-train.jsonl.gz'))) == 1 and not list(cache.glob('*.part'))
-    shutil.rmtree(root / 'helpful-base')  # the second load comes from the cache
-    check_hh(*M.load_preferences(f'{url}/helpful-base/train.jsonl.gz', str(cache)))
-    with pytest.raises(RuntimeError, match='download of .* failed'):
-        M.load_preferences(f'{url}/missing.jsonl.gz', str(cache))
-    assert not list(cache.glob('missing*'))
-
-
-def test_our_format_and_hh_mixed_and_bad_records():
-    good = M.check_preference({'prompt': 'Hi', 'chosen': 'Hello', 'rejected': 'Go away', 'skill': 'x'})
-    assert good['prompt'] == [{'role': 'user', 'content': 'Hi'}] and good['skill'] == 'x'
-    for bad, reason in [({'prompt': 'Hi', 'chosen': 'a'}, 'missing field rejected'),
-                        ({'prompt': 'Hi', 'chosen': ' a ', 'rejected': 'a'}, 'identical'),
-                        ({'prompt': 'Hi', 'chosen': '', 'rejected': 'a'}, 'empty chosen'),
-                        ({'prompt': '  ', 'chosen': 'b', 'rejected': 'a'}, 'empty prompt'),
-                        ({'prompt': 'Hi', 'chosen': 3, 'rejected': 'a'}, 'chosen is not a string'),
-                        ({'prompt': [{'role': 'assistant', 'content': 'x'}], 'chosen': 'b', 'rejected': 'a'},
-                         'end with a user turn'),
-                        ({'prompt': [{'role': 'system', 'content': 'x'}], 'chosen': 'b', 'rejected': 'a'},
-                         'prompt is not'),
-                        (['a'], 'not a JSON object')]:
-        with pytest.raises(ValueError, match=reason):
-            M.check_preference(bad)
 
 
 # -----------------------------------------------------------------------------
 # prepare.py prefs: the supervised model's replies, gold-labelled
-
-def test_sample_replies_greedy_matches_generate(tokenizer):
-    m = tiny_gpt().eval()
-    prompts = ['Copy: cat dog', [{'role': 'user', 'content': 'Sort: 3 1 2'}]]
-    out = M.sample_replies(m, tokenizer, prompts, k=3, temperature=0, max_new_tokens=8, batch_size=4)
-    end = M.chat_ids(tokenizer)[2]
-    for p, replies in zip(prompts, out):
-        ids = M.render_prompt(p if isinstance(p, list) else [{'role': 'user', 'content': p}], tokenizer)
-        alone = tokenizer.decode(m.generate([ids], 8, temperature=0, stop_token=end, vocab_limit=tokenizer.n_vocab)[0])
-        assert replies == [alone] * 3
-        row = m.generate([ids], 8, temperature=0, stop_token=end, vocab_limit=tokenizer.n_vocab)[0]
-        flagged = M.sample_replies(m, tokenizer, [p], k=2, temperature=0, max_new_tokens=8, return_finished=True)
-        assert flagged == [[(alone, len(row) < 8)] * 2]  # finished: it emitted <|end|> within 8 tokens
 
 
 def test_prepare_prefs_keeps_correct_incorrect_pairs(tmp_path, tok_meta, monkeypatch):
@@ -271,20 +168,20 @@ def test_prepare_prefs_keeps_correct_incorrect_pairs(tmp_path, tok_meta, monkeyp
                             ('', True), ('wrong two', True), ('rambling on and on', False)][:k])
         return out
 
-    suite = M.make_task_suite(20, prepare.seed)
+    suite = T.make_task_suite(20, prepare.seed)
     by_prompt = {t['prompt']: t for ts in suite.values() for t in ts}
-    monkeypatch.setattr(M, 'sample_replies', fake_sampler)
+    monkeypatch.setattr(T, 'sample_replies', fake_sampler)
     stats = prepare.prepare_prefs(str(tmp_path / 'data'), str(tmp_path / 'sft'), n_prompts=10, n_val_prompts=5,
                                   k=7, max_pairs=3, temperature=1.0, device='cpu', seed=prepare.seed)
     by_key = {t['key']: t for ts in suite.values() for t in ts}
     for split, n in (('train', 2), ('val', 1)):  # prompts per skill
-        prefs, problems = M.load_preferences(str(tmp_path / 'data' / 'prefs' / f'{split}.jsonl'))
+        prefs, problems = T.load_preferences(str(tmp_path / 'data' / 'prefs' / f'{split}.jsonl'))
         assert not problems
         assert len(prefs) == 3 * n * 3  # sort, reverse, count: 2 right x 2 wrong = 4 pairs, 3 kept
         for p in prefs:
             t = by_key[p['key']]
             assert p['skill'] in ('sort', 'reverse', 'count') and t in suite[split]
-            assert M.check_answer(t, p['chosen']) and not M.check_answer(t, p['rejected'])
+            assert T.check_answer(t, p['chosen']) and not T.check_answer(t, p['rejected'])
             assert p['rejected'] in ('wrong one', 'wrong two')  # never the empty or the unfinished reply
             assert p['prompt'] == [{'role': 'user', 'content': t['prompt']}]
         assert len({(p['key'], p['chosen'], p['rejected']) for p in prefs}) == len(prefs)  # no pair twice

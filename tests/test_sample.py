@@ -6,7 +6,8 @@ import tiktoken
 import torch
 
 from conftest import error_line, run, train_args
-from model import load_tokenizer, model_from_checkpoint
+from model import model_from_checkpoint
+from tokenizer import load_tokenizer
 
 
 def sample(out_dir, *args, check=True):

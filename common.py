@@ -1,0 +1,69 @@
+"""
+What every script does the same way: processes, device and precision; seeding; the learning-rate schedule;
+writing files atomically. (model.py is the model, tasks.py the data it is trained on.) torch is imported
+inside the functions that need it, so that prepare.py and bpe.py, which only write files, start fast.
+"""
+import math
+import os
+import sys
+
+
+def setup_device(device='auto', dtype='auto', backend='auto'):
+    """Processes, device and precision, for train.py and the chat scripts. Launched by torchrun (RANK is
+    set), this process joins the group (backend 'auto': NCCL on CUDA, gloo on CPU) and takes its own GPU.
+    dtype 'auto': bf16 on GPUs that have it, else fp16 there, fp32 elsewhere; ctx runs forward passes in
+    it (autocast) and is a no-op in fp32.
+    Returns (ddp, rank, world_size, device, device_type, dtype, ctx)."""
+    from contextlib import nullcontext
+    import torch
+    import torch.distributed as dist
+    if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):  # a script-setup helper: fail like the scripts do
+        sys.exit(f"error: dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+    rank, world_size = 0, 1
+    if ddp:
+        dist.init_process_group(backend=backend if backend != 'auto' else 'nccl' if device_type == 'cuda' else 'gloo')
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        if device_type == 'cuda':
+            device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
+            torch.cuda.set_device(device)
+    if dtype == 'auto':
+        dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls for what stays in fp32
+    torch.backends.cudnn.allow_tf32 = True
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+    return ddp, rank, world_size, device, device_type, dtype, ctx
+
+
+def seed_everything(seed):
+    """Seed every generator a script may draw from: Python's random, numpy's global one, torch's on the CPU and
+    on every GPU. PyTorch seeds itself at random in every process, so without this two runs of the same
+    command start from different LoRA matrices, reward heads or dropout masks."""
+    import random
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
+    """Linear warmup for warmup_iters, then cosine decay down to min_lr at lr_decay_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+def write_text_atomic(path, text):
+    """Write to a temp file, then rename: a crash never leaves a half-written file under the real name."""
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+        f.write(text)
+    os.replace(path + '.tmp', path)

@@ -46,9 +46,15 @@ out_dir = eval_interval = eval_iters = log_interval = always_save_checkpoint = i
 gradient_accumulation_steps = learning_rate = max_iters = lr_decay_iters = min_lr = beta2 = warmup_iters = None
 weight_decay = decay_lr = wandb_log = wandb_project = wandb_run_name = None
 # -----------------------------------------------------------------------------
-from common import seed_everything
+from common import check_settings, fail, seed_everything
 from configurator import apply_config
 apply_config(globals())
+check_settings(globals(), positive=('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'vocab_size', 'steps',
+                                    'repeats', 'sample_batch', 'sample_tokens'),
+               non_negative=('warmup',), fractions=('dropout',),
+               choices={'pos_emb': ('learned', 'rope'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
+if n_embd % n_head:
+    fail(f"n_head must divide n_embd; got n_embd={n_embd}, n_head={n_head}")
 
 seed_everything(seed)
 if device == 'auto':
@@ -130,7 +136,7 @@ for use_cache in (True, False):
 
 name = torch.cuda.get_device_name() if device_type == 'cuda' else f'cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)'
 print(f"\n{name}, {dtype}, compile={compile and device_type == 'cuda'}, {model.get_num_params() / 1e6:.2f}M parameters")
-print(f"| what | result |\n|---|---|")
+print("| what | result |\n|---|---|")
 print(f"| training, batch {batch_size} x {block_size} | {dt * 1000:.1f} ms/iter, {tok_s:,.0f} tokens/s"
       + (f", MFU {mfu * 100:.1f}%" if mfu is not None else "") + " |")
 print(f"| sampling {sample_batch} x {n_new} tokens, KV cache | {sample_rates[True]:,.0f} tokens/s |")

@@ -1,11 +1,45 @@
 """
-What every script does the same way: processes, device and precision; seeding; the learning-rate schedule;
-writing files atomically. (model.py is the model, tasks.py the data it is trained on.) torch is imported
-inside the functions that need it, so that prepare.py and bpe.py, which only write files, start fast.
+What every script does the same way: refusing bad settings in one line; processes, device and precision;
+seeding; the learning-rate schedule; writing files atomically. (model.py is the model, tasks.py the data it
+is trained on.) torch is imported inside the functions that need it, so that prepare.py and bpe.py, which
+only write files, start fast.
 """
 import math
 import os
 import sys
+import time
+
+
+def fail(msg):
+    """A user's mistake (a setting, a missing file): one line on stderr and exit code 1, no traceback.
+    A traceback stays right for a bug."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def check_settings(settings, positive=(), non_negative=(), fractions=(), choices=None):
+    """The checks every script makes on its configuration before any work, so that the rules are the same
+    everywhere: each name in positive must be > 0 (sizes, counts, rates that must move), in non_negative
+    >= 0, in fractions within [0, 1); choices maps a name to its allowed values. The first setting outside
+    what it allows ends the script with one line naming it, its value and what is allowed."""
+    for name in positive:
+        if not settings[name] > 0:
+            fail(f"{name} must be > 0, got {settings[name]!r}")
+    for name in non_negative:
+        if not settings[name] >= 0:
+            fail(f"{name} must be >= 0, got {settings[name]!r}")
+    for name in fractions:
+        if not 0 <= settings[name] < 1:
+            fail(f"{name} must be in [0, 1), got {settings[name]!r}")
+    for name, allowed in (choices or {}).items():
+        if settings[name] not in allowed:
+            fail(f"{name} must be one of {', '.join(map(str, allowed))}; got {settings[name]!r}")
+
+
+def check_out_dir(out_dir):
+    """out_dir must be a directory or not exist yet (it is created once every check has passed)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"out_dir '{out_dir}' exists and is not a directory")
 
 
 def setup_device(device='auto', dtype='auto', backend='auto'):
@@ -67,3 +101,16 @@ def write_text_atomic(path, text):
     with open(path + '.tmp', 'w', encoding='utf-8') as f:
         f.write(text)
     os.replace(path + '.tmp', path)
+
+
+def progress(done, total, t0, done_at_t0=0):
+    """'1049/1500 (70%), eta 1m45s': where a loop is, and the time left at the pace since t0 (when done_at_t0
+    of the total were done: a resumed run counts from where it restarted)."""
+    rate = (time.time() - t0) / max(done - done_at_t0, 1)
+    return f"{done}/{total} ({100 * done / max(total, 1):.0f}%), eta {duration(rate * (total - done))}"
+
+
+def duration(seconds):
+    """90 -> '1m30s', 42 -> '42s'."""
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"

@@ -31,6 +31,7 @@ class GPTConfig:
     bias: bool = True        # biases in Linears and LayerNorms, as GPT-2; False is a little faster
     pos_emb: str = 'learned'  # 'learned' absolute positions (GPT-2) or 'rope' (rotary, as Llama)
     rope_base: float = 10000.0
+    n_prefix: int = 0        # prompt tuning: learned "virtual token" embeddings in front of every sequence
 
 
 # -----------------------------------------------------------------------------
@@ -151,6 +152,8 @@ class GPT(nn.Module):
             self.register_buffer('rope_cos', cos, persistent=False)
             self.register_buffer('rope_sin', sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.n_prefix:  # prompt tuning (Lester et al. 2021): see add_prefix
+            self.prefix = nn.Parameter(torch.zeros(config.n_prefix, config.n_embd))
         # weight tying: the output layer reads the token embedding matrix (fewer parameters, better loss)
         self.transformer.wte.weight = self.lm_head.weight
         self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
@@ -179,14 +182,27 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, pos=None, kv_cache=None, attn_mask=None):
         """The final (LayerNormed) hidden state of every position: (B, T, n_embd).
-        pos: (T,) or (B, T) position of each token, default 0..T-1 (after the cache's length)."""
+        pos: (T,) or (B, T) position of each token, default 0..T-1 (after the cache's length). With a prompt-
+        tuning prefix (n_prefix > 0), a fresh forward pass (no cache, or an empty one) runs the prefix first, at
+        positions 0..n_prefix-1, every token n_prefix places later, and returns the tokens' states only."""
         B, T = idx.size()
+        P = self.config.n_prefix
         if pos is None:
-            start = kv_cache.length if kv_cache is not None else 0
+            start = max(kv_cache.length - P, 0) if kv_cache is not None else 0
             pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        pos = pos + P
         assert int(pos.max()) < self.config.block_size, \
             f"position {int(pos.max())} is past block_size {self.config.block_size}"
         x = self.transformer.wte(idx)
+        with_prefix = P > 0 and (kv_cache is None or kv_cache.length == 0)
+        if with_prefix:
+            x = torch.cat([self.prefix.to(x.dtype).expand(B, -1, -1), x], dim=1)
+            prefix_pos = torch.arange(P, device=idx.device)
+            pos = torch.cat([prefix_pos, pos]) if pos.dim() == 1 else torch.cat([prefix_pos.expand(B, -1), pos], 1)
+            if attn_mask is not None:  # every token sees the whole prefix; the prefix sees itself, causally
+                full = torch.ones(B, 1, P + T, P + T, dtype=torch.bool, device=idx.device).tril()
+                full[:, :, P:, P:] = attn_mask
+                attn_mask = full
         rope = None
         if self.config.pos_emb == 'learned':
             x = x + self.transformer.wpe(pos)
@@ -200,8 +216,9 @@ class GPT(nn.Module):
             else:
                 x = block(x, rope, kv_cache, attn_mask)
         if kv_cache is not None:
-            kv_cache.length += T
-        return self.transformer.ln_f(x)
+            kv_cache.length += x.size(1)
+        x = self.transformer.ln_f(x)
+        return x[:, P:] if with_prefix else x
 
     def forward(self, idx, targets=None):
         """Logits and the mean cross-entropy over targets that are not -1 (fine-tuning masks prompts so).
@@ -245,16 +262,17 @@ class GPT(nn.Module):
         assert all(len(s) > 0 for s in seqs), "every prompt needs at least one token"
         B, device = len(seqs), self.lm_head.weight.device
         bs = self.config.block_size
+        ctx = bs - self.config.n_prefix  # tokens that fit after a prompt-tuning prefix
         done = [False] * B
         cache = None
         for _ in range(max_new_tokens):
             if not use_cache:
-                logits = torch.cat([self(torch.tensor([s[-bs:]], device=device))[0][:, -1] for s in seqs])
+                logits = torch.cat([self(torch.tensor([s[-ctx:]], device=device))[0][:, -1] for s in seqs])
             elif cache is None or cache.length == bs:
                 # Prefill (or re-fill). With learned positions the cache cannot slide: once a sequence
                 # outgrows block_size, each token's position changes every step, so we recompute the
                 # last block_size tokens from scratch rather than produce silently wrong tokens.
-                cache, logits = self._prefill([s[-bs:] for s in seqs])
+                cache, logits = self._prefill([s[-ctx:] for s in seqs])
             else:
                 # one new token per row; left-padding (see _prefill) must stay masked out
                 idx = torch.tensor([[s[-1]] for s in seqs], device=device)
@@ -288,7 +306,8 @@ class GPT(nn.Module):
         n_pad = torch.tensor([T - len(s) for s in seqs], device=device)
         idx = torch.tensor([[0] * (T - len(s)) + s for s in seqs], device=device)
         cache = KVCache(B, self.config.block_size, self.config)
-        cache.pos_offset = -n_pad  # position of cache slot j in row b is j - n_pad[b]
+        P = self.config.n_prefix  # a prompt-tuning prefix fills the cache's first P slots (see hidden_states)
+        cache.pos_offset = -n_pad - P  # the token in cache slot j of row b is at position j - n_pad[b] - P
         cache.pad = None
         mask = None
         if int(n_pad.max()) > 0:
@@ -298,7 +317,7 @@ class GPT(nn.Module):
             mask = causal[None] & ~pad[:, None, :]
             mask |= torch.eye(T, dtype=torch.bool, device=device)  # pads see themselves: no all-masked row (NaN)
             mask = mask.unsqueeze(1)                               # (B, 1, T, T), broadcast over heads
-            cache.pad = pad
+            cache.pad = torch.cat([torch.zeros(B, P, dtype=torch.bool, device=device), pad], dim=1)  # by slot
         pos = (torch.arange(T, device=device)[None, :] - n_pad[:, None]).clamp(min=0)
         logits = self.lm_head(self.hidden_states(idx, pos, cache, mask)[:, -1])
         return cache, logits
@@ -348,6 +367,15 @@ class GPT(nn.Module):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
         else:
             self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+
+    @torch.no_grad()
+    def add_prefix(self, n_prefix, generator=None):
+        """Prompt tuning (Lester et al. 2021): n_prefix trainable embeddings in front of every sequence, as if a
+        prompt of "virtual tokens" were always there. They start as the embeddings of random real tokens (a
+        starting point the model can read), and are the only weights that need to train."""
+        rows = torch.randint(0, self.config.vocab_size, (n_prefix,), generator=generator)
+        self.prefix = nn.Parameter(self.transformer.wte.weight[rows].clone())
+        self.config.n_prefix = n_prefix
 
     @torch.no_grad()
     def resize_vocab(self, vocab_size):
@@ -434,10 +462,33 @@ def save_checkpoint(path, tensors, meta):
     os.replace(tmp, path)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: the message names the file and the reason, in one line."""
+
+
 def load_checkpoint(path, map_location='cpu'):
-    """Return (tensors dict, meta dict)."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    meta = json.loads(ckpt.pop('meta_json'))
+    """Return (tensors dict, meta dict). A file that is missing, truncated, not one of our checkpoints, or that
+    holds Python objects other than tensors raises CheckpointError. weights_only=True is what refuses the
+    last kind: unpickling an arbitrary object can run any code, so such a file is never loaded."""
+    import pickle
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    except pickle.UnpicklingError as e:
+        if 'GLOBAL' not in str(e):  # no Python object named in it: not a pickle of ours at all
+            raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not written by torch.save)") \
+                from None
+        raise CheckpointError(f"refused to load {path}: it holds Python objects, not only tensors, and loading "
+                              f"those can run code. Only load checkpoints written by these scripts") from None
+    except (RuntimeError, EOFError, KeyError, ValueError):
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not written by torch.save)") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('meta_json'), str):
+        raise CheckpointError(f"{path} is not a checkpoint of these scripts (no metadata in it)")
+    try:
+        meta = json.loads(ckpt.pop('meta_json'))
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: its metadata is not valid JSON") from None
     return ckpt, meta
 
 
@@ -468,7 +519,11 @@ def model_from_checkpoint(path, device='cpu'):
     """Rebuild the GPT saved by train.py or a fine-tuning script; returns (model, meta). A checkpoint
     saved with LoRA adapters comes back with them merged: a plain GPT."""
     ckpt, meta = load_checkpoint(path, map_location=device)
-    return merged_gpt(ckpt['model'], meta['model_args'], meta.get('lora')).to(device), meta
+    try:
+        return merged_gpt(ckpt['model'], meta['model_args'], meta.get('lora')).to(device), meta
+    except (KeyError, TypeError, RuntimeError) as e:  # a checkpoint, but not of a GPT (or of another shape)
+        raise CheckpointError(f"{path} does not hold a GPT these scripts can rebuild ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120]})") from None
 
 
 def find_model(folder):

@@ -16,6 +16,7 @@ from contextlib import nullcontext
 
 import torch
 
+from common import check_settings, fail
 from model import GPT, model_from_checkpoint
 from tasks import chat_ids, render_prompt
 from tokenizer import load_tokenizer
@@ -38,12 +39,10 @@ chat = False           # chat mode: read user messages from stdin, reply as the 
 from configurator import apply_config
 apply_config(globals())
 
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
+check_settings(globals(), positive=('num_samples',), non_negative=('max_new_tokens', 'temperature', 'top_k'),
+               choices={'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
+if not 0 < top_p <= 1:
+    fail(f"top_p must be in (0, 1], got {top_p}")
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 device_type = 'cuda' if 'cuda' in device else 'cpu'
@@ -59,11 +58,6 @@ if start.startswith('FILE:'):
             start = f.read()
     except OSError as e:
         fail(f"cannot read the prompt file: {e}")
-if num_samples < 1 or max_new_tokens < 0:
-    fail("num_samples must be at least 1 and max_new_tokens at least 0")
-if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-    fail(f"need temperature >= 0 (0: greedy), top_k >= 0 (0: all) and 0 < top_p <= 1, "
-         f"got {temperature}, {top_k}, {top_p}")
 
 # the model and its tokenizer
 try:

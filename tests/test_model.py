@@ -289,3 +289,34 @@ def test_setup_device_on_one_cpu_process_and_a_bad_dtype():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with pytest.raises(SystemExit, match="dtype must be auto"):
         C.setup_device('cpu', 'fp8')
+
+
+# -----------------------------------------------------------------------------
+# prompt tuning: a prefix of learned "virtual token" embeddings in front of every sequence
+
+@pytest.mark.parametrize('pos_emb', ['learned', 'rope'])
+def test_a_prefix_is_tokens_whose_embeddings_are_learned(pos_emb):
+    """The reference: the same network without a prefix, given P extra vocabulary rows that hold the prefix's
+    embeddings and a sequence that starts with those P tokens. Same logits at every real token."""
+    m = tiny(pos_emb, block_size=24)
+    m.add_prefix(4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        m.prefix.add_(0.1 * torch.randn_like(m.prefix))  # not just copies of real tokens
+    ref = tiny(pos_emb, block_size=24, vocab_size=37 + 4)
+    sd = {k: v for k, v in m.state_dict().items() if k != 'prefix'}
+    sd['transformer.wte.weight'] = sd['lm_head.weight'] = torch.cat([m.transformer.wte.weight, m.prefix]).detach()
+    ref.load_state_dict(sd)
+    idx = torch.randint(0, 37, (3, 12))
+    with_prefix = torch.cat([torch.arange(37, 41).expand(3, -1), idx], dim=1)
+    assert torch.allclose(all_logits(m, idx), all_logits(ref, with_prefix)[:, 4:, :37], atol=1e-5)
+
+
+@pytest.mark.parametrize('pos_emb', ['learned', 'rope'])
+def test_prefix_generation_with_the_cache_equals_the_slow_path(pos_emb):
+    m = tiny(pos_emb, block_size=20)
+    m.add_prefix(3, generator=torch.Generator().manual_seed(2))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12], [13]]  # ragged: left padding behind the prefix
+    for temperature in (0, 1.0):
+        fast = m.generate(prompts, 30, temperature, generator=torch.Generator().manual_seed(3))
+        slow = m.generate(prompts, 30, temperature, generator=torch.Generator().manual_seed(3), use_cache=False)
+        assert fast == slow

@@ -88,7 +88,7 @@ def is_utf8(b):
     (['--out_dir=MISSING'], 'no checkpoint (ckpt.pt or model.pt)'),
     (['--start=FILE:MISSING/prompt.txt'], 'cannot read the prompt file'),
     (['--start=\u00c6sop'], 'not in the vocabulary'),
-    (['--num_samples=0'], 'num_samples must be at least 1'),
+    (['--num_samples=0'], 'num_samples must be > 0, got 0'),
     (['--temperature=-1'], 'temperature'),
 ])
 def test_errors_are_one_line(args, expected, char_ckpt, tmp_path):

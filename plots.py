@@ -85,25 +85,84 @@ def compare_runs(out_dirs, plot_path=None, smooth=5):
     return table
 
 
-def curves_png(run_dir, path):
-    """Loss curves of the pipeline's training stages, one panel each, into path."""
-    panels = [('pretrain', 'pretraining loss', [('loss', 'train'), ('val_loss', 'val (estimate)')]),
-              ('sft', 'SFT loss (assistant tokens)', [('loss', 'train'), ('val_loss', 'val')]),
-              ('reward', 'reward model loss', [('loss', 'train'), ('val_loss', 'val')]),
-              ('dpo', 'DPO loss', [('loss', 'train'), ('val_loss', 'val')]),
-              ('ppo', 'PPO: rollout score and KL', [('score', 'score'), ('kl', 'KL to SFT')]),
-              ('ppo_gold', 'PPO-gold: rollout accuracy and KL', [('score', 'accuracy'), ('kl', 'KL to SFT')])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (stage, title, keys) in zip(axes, panels):
+def moving_average(ys, n):
+    return [sum(ys[max(0, i - n + 1):i + 1]) / len(ys[max(0, i - n + 1):i + 1]) for i in range(len(ys))]
+
+
+def loss_png(out_dir, path=None):
+    """train.py's loss curve: out_dir/metrics.jsonl -> out_dir/loss.png (train loss per logged iteration,
+    val loss at each evaluation)."""
+    records = read_jsonl(os.path.join(out_dir, 'metrics.jsonl'))
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for key, label in (('loss', 'train'), ('val_loss', 'val')):
+        pts = [(r['iter'], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts), label=label, marker='o' if key == 'val_loss' else None, ms=3)
+    ax.set_xlabel('iteration', fontsize=9)
+    ax.set_ylabel('cross-entropy (nats per token)', fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path or os.path.join(out_dir, 'loss.png'), dpi=100)
+    plt.close(fig)
+
+
+def curves_png(run_dir, path, smooth=5):
+    """The pipeline's training curves, one panel per stage, into path (PPO's per-batch numbers as moving
+    averages of `smooth` iterations: single batches are noisy)."""
+    panels = [('pretrain', 'pretraining: loss', [('loss', 'train'), ('val_loss', 'val (estimate)')]),
+              ('sft', 'SFT: loss on reply tokens', [('loss', 'train'), ('val_loss', 'val')]),
+              ('reward', 'reward model: pair loss', [('loss', 'train'), ('val_loss', 'val')]),
+              ('dpo', 'DPO: loss', [('loss', 'train'), ('val_loss', 'val')]),
+              ('ppo', 'PPO, reward model: rollouts', [('score', 'reward-model score'), ('kl', 'KL to SFT (nats)')]),
+              ('ppo_gold', 'PPO, checker: rollouts', [('score', 'gold accuracy'), ('kl', 'KL to SFT (nats)')])]
+    panels = [p for p in panels if os.path.exists(os.path.join(run_dir, p[0], 'metrics.jsonl'))]
+    fig, axes = plt.subplots(2, (len(panels) + 1) // 2, figsize=(11, 6.5), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis('off')
+    for ax, (stage, title, keys) in zip(axes.flat, panels):
         records = read_jsonl(os.path.join(run_dir, stage, 'metrics.jsonl'))
         for key, label in keys:
-            pts = [(r['iter'], r[key]) for r in records
-                   if isinstance(r.get(key), (int, float)) and 'iter' in r and 'summary' not in r]
+            pts = [(r['iter'], r[key]) for r in records if isinstance(r.get(key), (int, float)) and 'iter' in r
+                   and 'summary' not in r and not (stage.startswith('ppo') and 'eval' in r)]  # PPO: rollouts only
             if pts:
-                ax.plot(*zip(*pts), label=label, marker='.' if len(pts) < 30 else None)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel('iteration')
-        ax.legend(fontsize=7)
+                xs, ys = zip(*pts)
+                if stage.startswith('ppo'):
+                    ys, label = moving_average(ys, smooth), f"{label}, mean of {smooth}"
+                ax.plot(xs, ys, label=label, marker='.' if len(pts) < 30 else None)
+        if stage == 'sft':
+            ax.set_yscale('log')  # the base starts near 11 (it has never seen a chat): a log axis shows the rest
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel('iteration', fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def overoptimization_png(best_of_n, runs, path):
+    """Gao et al. 2022's picture: the gold accuracy (left) and the reward model's score (right) of replies
+    sampled from each policy to held-out prompts, against KL(policy || SFT). best_of_n: reward.py's curve
+    (the SFT model's samples, picked by the reward model: KL = log n - (n-1)/n); runs: {label: the 'sampled'
+    records of a ppo.py run's evaluations}. A proxy that keeps rising while the truth levels off or falls is
+    over-optimization."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in ((axes[0], 'gold_accuracy', 'gold accuracy (the truth)'),
+                           (axes[1], 'score', "reward model's score (the proxy, standardised)")):
+        ax.plot([c['kl'] for c in best_of_n], [c[key] for c in best_of_n], 'k--', marker='o', ms=4,
+                label='best-of-n of the SFT model, n = ' + ', '.join(str(c['n']) for c in best_of_n))
+        for label, points in runs.items():  # in the order of the run: where its evaluations went
+            pts = [(p['kl'], p[key]) for p in points if p.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker='o', ms=4, label=label + ' (its evaluations, in order)')
+        ax.set_xlabel('KL(policy || SFT), nats per reply', fontsize=9)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import get_lr, seed_everything, setup_device
+from common import check_out_dir, check_settings, fail, get_lr, progress, seed_everything, setup_device
 from download import GPT2_NAMES
-from model import GPT, GPTConfig, clean_state_dict, load_checkpoint, save_checkpoint
+from model import GPT, CheckpointError, GPTConfig, clean_state_dict, load_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # default config: GPT-2 124M on OpenWebText, as nanoGPT. Config files in config/ override these.
@@ -70,6 +70,7 @@ gradient_checkpointing = False
 backend = 'auto'            # DDP: 'nccl' on CUDA, 'gloo' on CPU
 seed = 1337
 # logging
+plot = True                 # draw out_dir/loss.png (train and val loss) at every evaluation
 wandb_log = False
 wandb_project = 'gpt'
 wandb_run_name = 'run'
@@ -77,21 +78,28 @@ wandb_run_name = 'run'
 from configurator import apply_config
 config = apply_config(globals())
 
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-# sanity checks before any work
+# sanity checks before any work (common.check_settings: the same rules and messages in every script)
 if init_from not in ('scratch', 'resume', *GPT2_NAMES) and not os.path.isdir(init_from):
     fail(f"init_from must be 'scratch', 'resume', one of {', '.join(GPT2_NAMES)} or a local HF directory, "
          f"got '{init_from}'")
-if init_from == 'resume' and not os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
-    fail(f"init_from='resume' but there is no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}")
-for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval'):
-    if globals()[name] < 1:
-        fail(f"{name} must be at least 1, got {globals()[name]}")
+ckpt = None
+if init_from == 'resume':  # read the checkpoint now (on the CPU): a bad one is refused before any work
+    if not os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
+        fail(f"init_from='resume': no checkpoint at {os.path.join(out_dir, 'ckpt.pt')} (start with init_from='scratch')")
+    try:
+        ckpt, ckpt_meta = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    except CheckpointError as e:
+        fail(f"init_from='resume': {e}")
+    if 'optimizer' not in ckpt or not {'model_args', 'iter_num', 'best_val_loss', 'data_meta'} <= set(ckpt_meta):
+        fail(f"init_from='resume': {os.path.join(out_dir, 'ckpt.pt')} is not a train.py checkpoint")
+check_settings(globals(), positive=('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
+                                    'eval_iters', 'log_interval', 'n_layer', 'n_head', 'n_embd', 'learning_rate'),
+               non_negative=('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay', 'grad_clip'),
+               fractions=('dropout', 'beta1', 'beta2'), choices={'pos_emb': ('learned', 'rope')})
+if n_embd % n_head or (pos_emb == 'rope' and (n_embd // n_head) % 2):
+    fail(f"n_head must divide n_embd into heads of equal (and, with rope, even) width; got n_embd={n_embd}, "
+         f"n_head={n_head}")
+check_out_dir(out_dir)
 if decay_lr and lr_decay_iters <= warmup_iters:
     fail(f"lr_decay_iters ({lr_decay_iters}) must be greater than warmup_iters ({warmup_iters})")
 
@@ -163,7 +171,6 @@ def train_batch(t, k):
 iter_num, best_val_loss = 0, float('inf')
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=None, dropout=dropout, pos_emb=pos_emb)
-ckpt = None
 seed_everything(seed)  # the same initial weights on every run and every process
 if init_from == 'scratch':
     # GPT-2's 50257 rounded up to 50304 (a multiple of 64) for speed; small vocabularies as they are
@@ -171,7 +178,6 @@ if init_from == 'scratch':
     model = GPT(GPTConfig(**model_args))
 elif init_from == 'resume':
     print(f"resuming from {out_dir}")
-    ckpt, ckpt_meta = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), map_location=device)
     old = ckpt_meta['data_meta']
     if old['tokenizer'] != data_meta['tokenizer'] or old['vocab_size'] != data_meta['vocab_size'] \
             or old.get('vocab') != data_meta.get('vocab'):
@@ -314,6 +320,7 @@ if wandb_log and master_process:
 # the training loop
 loss_sum = torch.zeros((), device=device)  # summed on the device; read back only when logging
 steps_since_log, t_log = 0, time.time()
+t_start = time.time()  # for the time left (evaluations included)
 while True:
     lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr) if decay_lr else learning_rate
     for group in optimizer.param_groups:
@@ -326,6 +333,9 @@ while True:
             text, extra = val_report(losses['val'])
             print(f"step {iter_num}: train loss {losses['train']:.4f}, {text}")
             log_metrics({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'], **extra})
+            if plot:
+                from plots import loss_png  # matplotlib: imported only when used
+                loss_png(out_dir)
         if not math.isfinite(losses['val']) or not math.isfinite(losses['train']):
             stop_on_nonfinite('the eval loss', iter_num)
         if losses['val'] < best_val_loss or always_save_checkpoint:
@@ -371,7 +381,7 @@ while True:
             mfu = raw_model.estimate_mfu(tok_s / ddp_world_size, device)
             mfu_text = f", mfu {mfu * 100:.1f}%" if mfu is not None else ""
             print(f"iter {iter_num - 1}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                  f"{tok_s:,.0f} tok/s{mfu_text}")
+                  f"{tok_s:,.0f} tok/s{mfu_text}; {progress(iter_num, max_iters, t_start, iter_start)}")
             log_metrics({'iter': iter_num - 1, 'loss': lossf, 'lr': lr, 'ms_per_iter': dt * 1000,
                          'tokens_per_s': tok_s, 'mfu': mfu})
         loss_sum.zero_()

@@ -69,7 +69,9 @@ def test_short_run_lowers_val_loss(char_data, tmp_path):
     assert len(lines) == 40
     for line, r in zip(lines, [r for r in records if 'loss' in r]):
         assert line.startswith(f"iter {r['iter']}: loss {r['loss']:.4f}, lr {r['lr']:.2e}, ")
-        assert line.endswith(f"{r['ms_per_iter']:.1f} ms/iter, {r['tokens_per_s']:,.0f} tok/s")
+        assert f"{r['ms_per_iter']:.1f} ms/iter, {r['tokens_per_s']:,.0f} tok/s; " in line
+        done = r['iter'] + 1  # and where the run is: iterations done of max_iters, and the time left
+        assert line.split('; ')[-1].startswith(f"{done}/40 ({100 * done / 40:.0f}%), eta ")
         assert close(r['tokens_per_s'] * r['ms_per_iter'] / 1000, 8 * 32, 1e-9)  # batch x block tokens per iter
 
 
@@ -190,7 +192,7 @@ def test_init_from_refused(init_from, data, expected, tmp_path, request):
     assert not out.exists()
 
 
-@pytest.mark.parametrize('arg,expected', [('--batch_size=0', 'batch_size must be at least 1'),
+@pytest.mark.parametrize('arg,expected', [('--batch_size=0', 'batch_size must be > 0, got 0'),
                                           ('--warmup_iters=100', 'must be greater than warmup_iters'),
                                           ('--block_size=200000', 'not more than block_size'),
                                           ('--dtype=fp8', 'dtype must be auto, float32, bfloat16 or float16')])

@@ -1,9 +1,11 @@
 """
 Supervised fine-tuning (SFT) on chats: a base model that continues text becomes an assistant that
-answers. With lora_rank > 0 only small low-rank adapters train (LoRA); lora_rank = 0 trains all weights.
+answers. With lora_rank > 0 only small low-rank adapters train (LoRA); with prompt_tokens > 0 only a few
+"virtual token" embeddings in front of every sequence do (prompt tuning); otherwise all weights train.
 
     python finetune_lora.py config/sft_tasks.py                        # the built-in task suite, LoRA
     python finetune_lora.py config/sft_tasks.py --lora_rank=0          # the same, full fine-tuning
+    python finetune_lora.py config/sft_tasks.py --lora_rank=0 --prompt_tokens=16 --learning_rate=1e-2   # prompt tuning
     python finetune_lora.py --init_from=gpt2 --data=alpaca_data.json   # Alpaca-format data, GPT-2 weights
     torchrun --standalone --nproc_per_node=8 finetune_lora.py config/sft_tasks.py
 
@@ -25,10 +27,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import get_lr, seed_everything, setup_device
+from common import check_out_dir, check_settings, fail, get_lr, progress, seed_everything, setup_device
 from download import download
-from model import (GPT, GPTConfig, apply_lora, clean_state_dict, load_checkpoint, lora_state_dict, merged_gpt,
-                   model_from_checkpoint, parse_lora_targets, save_checkpoint, train_token_rows)
+from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict, find_model, load_checkpoint,
+                   lora_state_dict, merged_gpt, model_from_checkpoint, parse_lora_targets, save_checkpoint,
+                   train_token_rows)
 from tasks import chat_example, chat_ids, gold_accuracy, render_chat
 from tokenizer import load_tokenizer
 
@@ -44,6 +47,9 @@ lora_rank = 8                # 0: full fine-tuning
 lora_alpha = 16.0
 lora_dropout = 0.05
 lora_targets = 'attn,proj,mlp_in,mlp_out'  # attention qkv, attention output, MLP in, MLP out
+# prompt tuning (Lester et al. 2021), instead of LoRA: the model is frozen and only prompt_tokens learned
+# embeddings in front of every sequence train (and the chat tokens' rows, as with LoRA)
+prompt_tokens = 0
 # training
 batch_size = 32
 gradient_accumulation_steps = 1
@@ -71,18 +77,25 @@ seed = 1337
 from configurator import apply_config
 config = apply_config(globals())
 
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-if batch_size < 1 or not 0 <= replay_fraction < 1:
-    fail("batch_size must be >= 1 and replay_fraction in [0, 1)")
+# every check that needs no model comes first (common.check_settings: the same rules in every script)
+check_settings(globals(), positive=('batch_size', 'gradient_accumulation_steps', 'learning_rate', 'eval_interval',
+                                    'eval_iters', 'log_interval', 'lora_alpha'),
+               non_negative=('max_iters', 'warmup_iters', 'min_lr', 'weight_decay', 'grad_clip', 'eval_tasks',
+                             'prompt_tokens'),
+               fractions=('replay_fraction', 'val_fraction', 'lora_dropout', 'beta1', 'beta2'))
 try:
     targets = parse_lora_targets(lora_rank, lora_targets)
 except ValueError as e:
     fail(str(e))
+if lora_rank and prompt_tokens:
+    fail(f"lora_rank={lora_rank} and prompt_tokens={prompt_tokens}: choose LoRA or prompt tuning, not both")
+check_out_dir(out_dir)
+ckpt = None
+if init_from == 'resume':  # read the checkpoint now (on the CPU): a bad one is refused before any work
+    try:
+        ckpt, ckpt_meta = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    except CheckpointError as e:
+        fail(f"init_from='resume': {e}")
 
 # -----------------------------------------------------------------------------
 # processes, devices, precision (common.setup_device, as in train.py)
@@ -95,19 +108,15 @@ seed_everything(seed)  # LoRA's A matrices start random: the same ones on every 
 
 # -----------------------------------------------------------------------------
 # the base model and its tokenizer
-resume = init_from == 'resume'
-ckpt = None
-if resume:
-    path = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.exists(path):
-        fail(f"init_from='resume' but there is no checkpoint at {path}")
-    ckpt, ckpt_meta = load_checkpoint(path, map_location=device)
+if ckpt is not None:
     base_meta = ckpt_meta['base']
     model = GPT(GPTConfig(**ckpt_meta['model_args']))
-elif os.path.exists(os.path.join(init_from, 'ckpt.pt')) or os.path.exists(os.path.join(init_from, 'model.pt')):
-    name = 'model.pt' if os.path.exists(os.path.join(init_from, 'model.pt')) else 'ckpt.pt'
-    model, m = model_from_checkpoint(os.path.join(init_from, name), device)
-    base_meta = dict(init_from=os.path.join(init_from, name), data_meta=m['data_meta'],
+elif find_model(init_from):
+    try:
+        model, m = model_from_checkpoint(find_model(init_from), device)
+    except CheckpointError as e:
+        fail(str(e))
+    base_meta = dict(init_from=find_model(init_from), data_meta=m['data_meta'],
                      pretrain_dataset=m.get('config', {}).get('dataset'),
                      pretrain_data_dir=m.get('config', {}).get('data_dir', data_dir))
 else:
@@ -124,24 +133,33 @@ except (ValueError, RuntimeError) as e:
     fail(str(e))
 if model.config.vocab_size < tokenizer.n_vocab:
     model.resize_vocab(((tokenizer.n_vocab + 63) // 64) * 64)  # e.g. GPT-2's weights get chat-token rows
-block_size = model.config.block_size
 
-# LoRA: freeze the base, wrap the chosen layers; and let the chat tokens' embedding rows train
+# LoRA or prompt tuning: freeze the base and add what trains; and let the chat tokens' embedding rows train
 lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=list(targets)) if lora_rank > 0 else None
+mode = 'lora' if lora else 'prompt' if prompt_tokens else 'full'
 if lora:
     apply_lora(model, **lora)
     train_token_rows(model, chat_token_ids)
+elif prompt_tokens:
+    if not model.config.n_prefix:  # (a resumed run's prefix came with its checkpoint's model_args)
+        model.add_prefix(prompt_tokens, torch.Generator().manual_seed(seed))
+    for p in model.parameters():
+        p.requires_grad = False
+    model.prefix.requires_grad = True
+    train_token_rows(model, chat_token_ids)
+block_size = model.config.block_size - model.config.n_prefix  # what a sequence may use after the prefix
 if ckpt is not None:
     model.load_state_dict(clean_state_dict(ckpt['model']))
 model.to(device)
 n_params = sum(p.numel() for p in model.parameters())
 n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-if lora:  # of the embedding only the chat-token rows train
+if mode != 'full':  # of the embedding only the chat-token rows train
     w = model.transformer.wte.weight
     n_trainable += len(chat_token_ids) * w.size(1) - w.numel()
 if master_process:
-    print(f"{'LoRA r=' + str(lora_rank) if lora else 'full fine-tuning'}: {n_trainable:,} trainable parameters "
-          f"of {n_params:,} ({100 * n_trainable / n_params:.2f}%)")
+    what = {'lora': f'LoRA r={lora_rank}', 'prompt': f'prompt tuning, {prompt_tokens} virtual tokens',
+            'full': 'full fine-tuning'}[mode]
+    print(f"{what}: {n_trainable:,} trainable parameters of {n_params:,} ({100 * n_trainable / n_params:.2f}%)")
 
 # -----------------------------------------------------------------------------
 # chat data
@@ -279,10 +297,10 @@ def get_batch(split, rng):
 # optimizer, resume, compile, DDP
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-iter_num = 0
+iter_num, before = 0, {}
 if ckpt is not None:
     optimizer.load_state_dict(ckpt['optimizer'])
-    iter_num = ckpt_meta['iter_num']
+    iter_num, before = ckpt_meta['iter_num'], ckpt_meta.get('before', {})
     ckpt = None
 raw_model = model
 if compile and device_type == 'cuda':
@@ -341,11 +359,12 @@ def log(record):
 
 
 def save():
-    """Training state (ckpt.pt), the adapter alone (adapter.pt), and the merged model (model.pt)."""
+    """The merged model (model.pt), the adapter alone (adapter.pt), then the training state (ckpt.pt), each
+    atomically and ckpt.pt last: a run killed in between resumes from the older ckpt.pt and writes the same
+    model.pt again."""
     sd = clean_state_dict(raw_model.state_dict())
     meta = dict(model_args=raw_model.config.__dict__, lora=lora, iter_num=iter_num, config=config,
-                base=base_meta, data_meta=base_meta['data_meta'])
-    save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), {'model': sd, 'optimizer': optimizer.state_dict()}, meta)
+                base=base_meta, data_meta=base_meta['data_meta'], before=before)
     if lora:
         adapter = lora_state_dict(raw_model)
         adapter['chat_token_rows'] = raw_model.transformer.wte.weight[chat_token_ids].detach().cpu()
@@ -355,15 +374,17 @@ def save():
     save_checkpoint(os.path.join(out_dir, 'model.pt'), {'model': merged.state_dict()},
                     dict(model_args=merged.config.__dict__, data_meta=base_meta['data_meta'], sft=meta['config'],
                          base=base_meta))
+    save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), {'model': sd, 'optimizer': optimizer.state_dict()}, meta)
 
 
 # -----------------------------------------------------------------------------
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
 eval_task_set = val_tasks[:eval_tasks] if eval_tasks else []
-before = evaluate('base' if iter_num == 0 else f'resumed at {iter_num}', eval_task_set, test=iter_num == 0)
+if iter_num == 0:
+    before = evaluate('base', eval_task_set, test=True)
 after = before
-tokens_seen, t0, t_log = 0, time.time(), time.time()
+tokens_seen, t0, t_log, iter_start = 0, time.time(), time.time(), iter_num
 loss_sum = torch.zeros((), device=device)
 if device_type == 'cuda':
     torch.cuda.reset_peak_memory_stats()
@@ -400,7 +421,7 @@ while iter_num < max_iters:
         if master_process:
             dt = time.time() - t_log
             print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {tokens_seen / (time.time() - t0):,.0f} "
-                  f"trained tokens/s")
+                  f"trained tokens/s; {progress(iter_num, max_iters, t0, iter_start)}")
             log({'iter': iter_num, 'loss': lossf, 'lr': lr})
         loss_sum.zero_()
         t_log = time.time()
@@ -412,7 +433,7 @@ while iter_num < max_iters:
 
 elapsed = time.time() - t0
 if master_process:
-    summary = dict(mode='lora' if lora else 'full', trainable_params=n_trainable, total_params=n_params,
+    summary = dict(mode=mode, trainable_params=n_trainable, total_params=n_params,
                    trainable_pct=100 * n_trainable / n_params, train_seconds=elapsed,
                    tokens_per_s=tokens_seen / max(elapsed, 1e-9),
                    peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if device_type == 'cuda' else None)

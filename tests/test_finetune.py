@@ -215,7 +215,30 @@ def test_lora_sft_trains_a_small_adapter_and_resumes(chat_base):
     # resume continues to max_iters from the iteration it stopped at
     sft(chat_base, 'sft_lora', '--max_iters=120', '--eval_interval=50', '--lora_rank=4', '--init_from=resume')
     records = [json.loads(line) for line in open(chat_base / 'sft_lora' / 'metrics.jsonl')]
-    assert records[-1]['summary'] and any(r.get('eval') == 'resumed at 100' for r in records)
+    assert [r['eval'] for r in records if 'eval' in r] == ['base', 'iter 50', 'iter 100', 'iter 120']
+    assert records[-1]['before'] == s['before']  # the base model's numbers, kept in the checkpoint
+
+
+def test_prompt_tuning_trains_only_the_prefix_and_the_chat_rows(chat_base):
+    sft(chat_base, 'sft_prompt', '--lora_rank=0', '--prompt_tokens=8', '--learning_rate=1e-2', '--max_iters=100',
+        '--eval_interval=100')
+    s = summary(chat_base / 'sft_prompt' / 'metrics.jsonl')
+    assert s['summary']['mode'] == 'prompt' and s['summary']['trainable_params'] == (8 + 3) * 64
+    assert s['after']['val_loss'] < s['before']['val_loss']
+    tuned, meta = M.model_from_checkpoint(str(chat_base / 'sft_prompt' / 'model.pt'))
+    base, _ = M.model_from_checkpoint(str(chat_base / 'base' / 'ckpt.pt'))
+    assert tuned.config.n_prefix == 8
+    chat_rows = T.chat_ids(TK.load_tokenizer(meta['data_meta']))
+    for k, v in base.state_dict().items():  # everything else is the base model, bit for bit
+        if k in ('transformer.wte.weight', 'lm_head.weight'):
+            keep = torch.ones(v.size(0), dtype=torch.bool)
+            keep[chat_rows] = False
+            assert torch.equal(tuned.state_dict()[k][keep], v[keep]) and not torch.equal(tuned.state_dict()[k], v)
+        else:
+            assert torch.equal(tuned.state_dict()[k], v), k
+    # the saved model generates with its prefix: its greedy replies give the logged test accuracy
+    tasks = [json.loads(line) for line in open(chat_base / 'tasks' / 'test.jsonl')]
+    assert T.gold_accuracy(tuned, TK.load_tokenizer(meta['data_meta']), tasks)[0] == s['after']['test_accuracy']
 
 
 def test_alpaca_data_bad_records_are_skipped_and_counted(chat_base, tmp_path):

@@ -6,7 +6,7 @@ summed over the reply's tokens only, the loss is
 
     sigmoid (DPO):   -log sigmoid(beta * h)
     label_smoothing: (1 - eps) * -log sigmoid(beta * h) + eps * -log sigmoid(-beta * h)   (conservative DPO)
-    ipo:             (h - 1 / (2 * beta))^2                                                 (Azar et al. 2023)
+    ipo:             (h' - 1 / (2 * beta))^2, h' with each log-ratio a mean over its tokens (Azar et al. 2023)
     sft_weight:      plus sft_weight * the chosen reply's mean token NLL                    (RPO, Pang et al. 2024)
 
 beta * (log pi - log ref) of a reply is its "implicit reward"; small beta lets the policy move further
@@ -27,7 +27,6 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -35,15 +34,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import get_lr, seed_everything, setup_device
-from model import (apply_lora, clean_state_dict, find_model, lora_disabled, merged_gpt, model_from_checkpoint,
-                   pad_batch, parse_lora_targets, response_logprobs, save_checkpoint)
+from common import get_lr, progress, seed_everything, setup_device
+from model import (CheckpointError, apply_lora, clean_state_dict, find_model, load_checkpoint, lora_disabled,
+                   merged_gpt, model_from_checkpoint, pad_batch, parse_lora_targets, response_logprobs,
+                   save_checkpoint)
 from tasks import (SKILLS, chat_ids, encode_preferences, gold_accuracy, preference_batch, preference_splits,
                    render_prompt)
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
-init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt)
+init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt);
+                             # 'resume': continue the run in out_dir from its ckpt.pt
 out_dir = 'out-dpo'
 data = 'prefs'               # 'prefs': data_dir/prefs/{train,val}.jsonl (prepare.py prefs); or a JSONL(.gz)
                              # path or URL, {prompt, chosen, rejected} or HH-RLHF {chosen, rejected} transcripts
@@ -78,6 +79,7 @@ grad_clip = 1.0
 eval_interval = 50
 eval_pairs = 500             # held-out pairs for loss / reward accuracy / margin (0: all)
 eval_tasks = 250             # val task prompts for gold accuracy during training (0 disables; needs data_dir/tasks)
+eval_test = True             # and the whole test split before and after (pipeline.py evaluates every model there)
 kl_prompts = 128             # held-out prompts whose sampled replies estimate KL to the reference
 log_interval = 10
 # system
@@ -88,7 +90,7 @@ seed = 1337
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type='sigmoid',
-             label_smoothing=0.0, sft_weight=0.0, chosen_tokens=None):
+             label_smoothing=0.0, sft_weight=0.0, chosen_tokens=None, rejected_tokens=None):
     """Per-pair losses from summed reply log-probs (each (B,)), and the implicit rewards
     beta * (log pi - log ref) of the chosen and the rejected replies (no gradient). With sft_weight, each
     loss also gets sft_weight * -policy_chosen / chosen_tokens (the chosen reply's mean token NLL)."""
@@ -96,7 +98,11 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
     if loss_type == 'sigmoid':
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == 'ipo':
-        losses = (h - 1 / (2 * beta)) ** 2  # regress the log-ratio gap onto a fixed target, 1 / (2 beta)
+        # IPO regresses the log-ratio gap onto a fixed target, 1 / (2 beta). As in TRL, each reply's log-ratio
+        # is its mean over the reply's tokens: with sums, a long reply's gap would be held to the same target
+        # as a short one's, though it adds up many more tokens' changes
+        h = (policy_chosen - ref_chosen) / chosen_tokens - (policy_rejected - ref_rejected) / rejected_tokens
+        losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}: expected 'sigmoid' or 'ipo'")
     if sft_weight:
@@ -139,30 +145,37 @@ def pair_stats(losses, chosen_rewards, rejected_rewards):
 if __name__ == '__main__':
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
+    from common import check_out_dir, check_settings, fail
     from configurator import apply_config
     config = apply_config(globals())
 
-    def fail(msg):
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(1)
-
-    # every check that needs no model comes first
-    if loss_type not in ('sigmoid', 'ipo'):
-        fail(f"loss_type must be 'sigmoid' or 'ipo', got '{loss_type}'")
-    if beta <= 0 or not 0 <= label_smoothing < 0.5 or sft_weight < 0:
-        fail(f"need beta > 0, label_smoothing in [0, 0.5) and sft_weight >= 0; got beta={beta}, "
-             f"label_smoothing={label_smoothing}, sft_weight={sft_weight}")
+    # every check that needs no model comes first (common.check_settings: the same rules in every script)
+    check_settings(globals(), positive=('beta', 'batch_size', 'gradient_accumulation_steps', 'learning_rate',
+                                        'eval_interval', 'log_interval', 'lora_alpha'),
+                   non_negative=('sft_weight', 'max_iters', 'warmup_iters', 'min_lr', 'weight_decay', 'grad_clip',
+                                 'eval_pairs', 'eval_tasks', 'kl_prompts'),
+                   fractions=('val_fraction', 'lora_dropout', 'beta1', 'beta2'),
+                   choices={'loss_type': ('sigmoid', 'ipo')})
+    if not 0 <= label_smoothing < 0.5:
+        fail(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if label_smoothing and loss_type != 'sigmoid':
         fail("label_smoothing applies to the sigmoid loss only")
-    if batch_size < 1 or max_iters < 0:
-        fail("batch_size must be >= 1 and max_iters >= 0")
     try:
         targets = parse_lora_targets(lora_rank, lora_targets)
     except ValueError as e:
         fail(str(e))
-    sft_path = find_model(init_from)
-    if sft_path is None:
-        fail(f"no model.pt or ckpt.pt in init_from='{init_from}': run finetune_lora.py first")
+    check_out_dir(out_dir)
+    ckpt = None
+    if init_from == 'resume':  # continue the run in out_dir: its ckpt.pt names the supervised model
+        try:
+            ckpt, ckpt_meta = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+        except CheckpointError as e:
+            fail(f"init_from='resume': {e}")
+        sft_path = ckpt_meta['sft_path']
+    else:
+        sft_path = find_model(init_from)
+        if sft_path is None:
+            fail(f"no model.pt or ckpt.pt in init_from='{init_from}': run finetune_lora.py first")
     try:
         train_prefs, val_prefs, report = preference_splits(data, data_dir, val_data, val_fraction, seed)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
@@ -179,7 +192,10 @@ if __name__ == '__main__':
 
     # -------------------------------------------------------------------------
     # policy and reference: both start as the supervised model
-    policy, sft_meta = model_from_checkpoint(sft_path, device)
+    try:
+        policy, sft_meta = model_from_checkpoint(sft_path, device)
+    except CheckpointError as e:
+        fail(str(e))
     data_meta = sft_meta['data_meta']
     try:
         tokenizer = load_tokenizer(data_meta)
@@ -228,7 +244,7 @@ if __name__ == '__main__':
     # the suite's files are grouped by skill: take the same number of each
     pool = load_tasks('val') if eval_tasks else []
     val_tasks = [t for s in SKILLS for t in [t for t in pool if t['skill'] == s][:eval_tasks // len(SKILLS)]]
-    test_tasks = load_tasks('test') if eval_tasks else []
+    test_tasks = load_tasks('test') if eval_tasks and eval_test else []
     kl_source = [[{'role': 'user', 'content': t['prompt']}] for t in val_tasks] or [p['prompt'] for p in val_prefs]
     kl_set = [kl_source[i] for i in np.random.default_rng(seed).permutation(len(kl_source))[:kl_prompts]]
 
@@ -236,6 +252,12 @@ if __name__ == '__main__':
     model = ReplyLogprobs(policy)
     optimizer = policy.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+    iter_num, before = 0, {}
+    if ckpt is not None:  # resume: the adapters (or all weights) and the optimizer where the run stopped
+        policy.load_state_dict(clean_state_dict(ckpt['model']))
+        optimizer.load_state_dict(ckpt['optimizer'])
+        iter_num, before = ckpt_meta['iter_num'], ckpt_meta['before']
+        ckpt = None
     if ddp:
         model = DDP(model, device_ids=[torch.device(device).index] if device_type == 'cuda' else None)
 
@@ -277,8 +299,9 @@ if __name__ == '__main__':
             with ctx:
                 pc, pr = response_logprobs(policy, idx, mask).float().view(2, -1)
                 rc, rr = reference_logprobs(idx, mask).float().view(2, -1)
-            n_chosen = mask[:, 1:].sum(1).view(2, -1)[0]
-            stats.append(torch.stack(dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing, sft_weight, n_chosen)))
+            n_chosen, n_rejected = mask[:, 1:].sum(1).view(2, -1)  # reply tokens of each row
+            stats.append(torch.stack(dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing, sft_weight, n_chosen,
+                                              n_rejected)))
         result = {'val_' + k: v for k, v in pair_stats(*torch.cat(stats, dim=1)).items()}
         result['kl'] = sampled_kl(kl_set) if kl_set else None
         text = f"val loss {result['val_loss']:.4f}, reward accuracy {result['val_reward_accuracy']:.1%}, " \
@@ -297,20 +320,26 @@ if __name__ == '__main__':
         return result
 
     def save():
-        """model.pt: the policy with its adapters merged, a plain GPT."""
+        """model.pt: the policy with its adapters merged, a plain GPT; then ckpt.pt, the training state
+        (--init_from=resume). Each is written atomically; a run killed between the two resumes from the
+        older ckpt.pt and writes the same model.pt again."""
         sd = clean_state_dict(policy.state_dict())
         merged = merged_gpt(sd, policy.config.__dict__, lora)
         base = dict(init_from=sft_path, **{k: v for k, v in sft_meta.items() if k not in ('model_args', 'data_meta')})
         save_checkpoint(os.path.join(out_dir, 'model.pt'), {'model': merged.state_dict()},
                         dict(model_args=merged.config.__dict__, data_meta=data_meta, dpo=config, lora=None,
                              iter_num=iter_num, base=base))
+        save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), {'model': sd, 'optimizer': optimizer.state_dict()},
+                        dict(iter_num=iter_num, sft_path=sft_path, before=before, config=config))
 
     # -------------------------------------------------------------------------
     if master_process:
         os.makedirs(out_dir, exist_ok=True)
-    iter_num = 0
-    before = after = evaluate('sft', val_tasks, test=True) if master_process else {}
+    if master_process and iter_num == 0:
+        before = evaluate('sft', val_tasks, test=True)
+    after = before
     t0 = t_log = time.time()
+    iter_start = iter_num
     sums = torch.zeros(5, device=device)  # loss, reward accuracy, margin, chosen and rejected reward
     policy.train()
     while iter_num < max_iters:
@@ -327,9 +356,9 @@ if __name__ == '__main__':
             with ctx:
                 ref_c, ref_r = reference_logprobs(idx, mask).float().view(2, -1)
                 pol_c, pol_r = model(idx, mask).float().view(2, -1)  # chosen rows first, then rejected
-                n_chosen = mask[:, 1:].sum(1).view(2, -1)[0]  # reply tokens of each chosen row
+                n_chosen, n_rejected = mask[:, 1:].sum(1).view(2, -1)  # reply tokens of each row
                 losses, chosen_rewards, rejected_rewards = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, loss_type,
-                                                                    label_smoothing, sft_weight, n_chosen)
+                                                                    label_smoothing, sft_weight, n_chosen, n_rejected)
                 loss = losses.mean() / accum_steps
             s = pair_stats(losses.detach(), chosen_rewards, rejected_rewards)
             sums += torch.tensor(list(s.values()), device=device) / accum_steps
@@ -352,7 +381,7 @@ if __name__ == '__main__':
             if master_process:
                 print(f"iter {iter_num}: loss {loss_f:.4f}, reward accuracy {acc:.1%}, margin {margin:.3f} "
                       f"(chosen {rc:.3f}, rejected {rr:.3f}), lr {lr:.2e}, "
-                      f"{(time.time() - t_log) / n * 1000:.0f} ms/iter")
+                      f"{(time.time() - t_log) / n * 1000:.0f} ms/iter; {progress(iter_num, max_iters, t0, iter_start)}")
                 log({'iter': iter_num, 'loss': loss_f, 'reward_accuracy': acc, 'margin': margin,
                      'chosen_reward': rc, 'rejected_reward': rr, 'lr': lr})
             sums.zero_()

@@ -52,9 +52,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import seed_everything, setup_device
-from model import (GPT, GPTConfig, apply_lora, clean_state_dict, find_model, load_checkpoint, lora_disabled,
-                   merged_gpt, model_from_checkpoint, pad_batch, parse_lora_targets, save_checkpoint)
+from common import progress, seed_everything, setup_device
+from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict, find_model, load_checkpoint,
+                   lora_disabled, merged_gpt, model_from_checkpoint, pad_batch, parse_lora_targets, save_checkpoint)
 from tasks import chat_ids, check_answer, gold_accuracy, render_prompt
 from tokenizer import load_tokenizer
 from plots import compare_runs
@@ -77,6 +77,8 @@ group_size = 1               # replies per prompt. > 1: each reply's score minus
                              # pushing all of its (say, all wrong) replies down
 push_down = True             # False: a negative score (after the baseline) becomes 0, so only the replies that
                              # beat their baseline are pushed up and none is pushed down (see config/ppo_tasks.py)
+score_margin = 0.0           # subtracted from every score before that: with push_down = False, a reply must beat its
+                             # group's mean by more than this to be pushed up at all
 max_new_tokens = 16          # a reply that has not said <|end|> by then is cut (and scored as it is)
 temperature = 1.0            # the policy PPO trains is softmax(logits / temperature): rollouts sample from it
                              # and every log-prob (ratio, KL, entropy) is taken from it, so the math is exact.
@@ -112,6 +114,7 @@ grad_clip = 1.0
 # evaluation
 eval_interval = 25
 eval_tasks = 250             # val task prompts for gold accuracy during training (0 disables); test at the ends
+eval_test = True             # and the whole test split before and after (pipeline.py evaluates every model there)
 log_interval = 1
 # comparing finished runs instead of training
 compare = ''                 # comma-separated out_dirs: print a table of their results and plot them
@@ -338,12 +341,9 @@ def load_prompt_file(path):
 if __name__ == '__main__':
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
+    from common import check_out_dir, check_settings, fail
     from configurator import apply_config
     config = apply_config(globals())
-
-    def fail(msg):
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(1)
 
     if compare:
         try:
@@ -354,33 +354,34 @@ if __name__ == '__main__':
         print(f"plot: {compare_plot}")
         sys.exit(0)
 
-    # every check that needs no model comes first
-    if reward not in ('model', 'gold'):
-        fail(f"reward must be 'model' or 'gold', got '{reward}'")
-    if kl_coef < 0 or kl_target < 0 or kl_horizon <= 0:
-        fail(f"need kl_coef >= 0, kl_target >= 0 and kl_horizon > 0; got {kl_coef}, {kl_target}, {kl_horizon}")
+    # every check that needs no model comes first (common.check_settings: the same rules in every script)
+    check_settings(globals(), positive=('batch_size', 'group_size', 'max_new_tokens', 'temperature', 'kl_horizon',
+                                        'ppo_epochs', 'minibatch_size', 'clip_range', 'clip_range_value',
+                                        'learning_rate', 'eval_interval', 'log_interval', 'lora_alpha'),
+                   non_negative=('kl_coef', 'kl_target', 'ent_coef', 'score_margin', 'value_learning_rate',
+                                 'max_iters', 'weight_decay', 'grad_clip', 'eval_tasks'),
+                   fractions=('lora_dropout', 'beta1', 'beta2', 'clip_range'),
+                   choices={'reward': ('model', 'gold')})
     if kl_target > 0 and kl_coef == 0:
         fail("the adaptive controller multiplies beta: with kl_target > 0 start from kl_coef > 0")
-    if batch_size < 1 or minibatch_size < 1 or batch_size % minibatch_size:
+    if batch_size % minibatch_size:
         fail(f"minibatch_size must divide batch_size; got {minibatch_size} and {batch_size}")
-    if group_size < 1 or batch_size % group_size:
+    if batch_size % group_size:
         fail(f"group_size must divide batch_size; got {group_size} and {batch_size}")
-    if ppo_epochs < 1 or max_iters < 0 or max_new_tokens < 1 or not 0 < clip_range < 1 or clip_range_value <= 0:
-        fail("need ppo_epochs >= 1, max_iters >= 0, max_new_tokens >= 1, 0 < clip_range < 1, clip_range_value > 0")
-    if temperature <= 0:
-        fail(f"temperature must be > 0, got {temperature}")
     if not (0 <= gamma <= 1 and 0 <= lam <= 1):
         fail(f"gamma and lam must be in [0, 1]; got {gamma} and {lam}")
     try:
         targets = parse_lora_targets(lora_rank, lora_targets)
     except ValueError as e:
         fail(str(e))
+    check_out_dir(out_dir)
     resume = init_from == 'resume'
     ckpt = None
     if resume:
-        if not os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
-            fail(f"init_from='resume' but there is no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}")
-        ckpt, ckpt_meta = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+        try:
+            ckpt, ckpt_meta = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+        except CheckpointError as e:
+            fail(f"init_from='resume': {e}")
         if critic and 'value_model' not in ckpt:
             fail(f"{os.path.join(out_dir, 'ckpt.pt')} was trained with --critic=False: resume it so")
         sft_path = ckpt_meta['sft_path']
@@ -422,7 +423,10 @@ if __name__ == '__main__':
 
     # -------------------------------------------------------------------------
     # the policy and the reference: both start as the supervised model
-    policy, sft_meta = model_from_checkpoint(sft_path, device)
+    try:
+        policy, sft_meta = model_from_checkpoint(sft_path, device)
+    except CheckpointError as e:
+        fail(str(e))
     data_meta = sft_meta['data_meta']
     try:
         tokenizer = load_tokenizer(data_meta)
@@ -445,7 +449,10 @@ if __name__ == '__main__':
     # the reward model (frozen) and the value model (initialised from it: InstructGPT)
     rm, rm_meta, rm_mean, rm_std = None, None, 0.0, 1.0
     if reward == 'model':
-        rm, rm_meta = load_reward_model(rm_path, device)
+        try:
+            rm, rm_meta = load_reward_model(rm_path, device)
+        except CheckpointError as e:
+            fail(str(e))
         if rm_meta['data_meta'] != data_meta:
             fail(f"the reward model {rm_path} uses a different tokenizer than the policy {sft_path}")
         for p in rm.parameters():
@@ -495,7 +502,7 @@ if __name__ == '__main__':
     # a seeded sample of the val split (its file is ordered by skill, so the first N would be one skill)
     val_tasks = load_tasks('val')
     val_tasks = [val_tasks[i] for i in sorted(np.random.default_rng(seed).permutation(len(val_tasks))[:eval_tasks])]
-    test_tasks = load_tasks('test') if eval_tasks else []
+    test_tasks = load_tasks('test') if eval_tasks and eval_test else []
 
     # -------------------------------------------------------------------------
     policy_optimizer = policy.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
@@ -503,14 +510,14 @@ if __name__ == '__main__':
                                                device_type) if critic else None
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
     kl_ctl = KLController(kl_coef, kl_target, kl_horizon)
-    iter_num = 0
+    iter_num, before = 0, {}
     if ckpt is not None:
         policy.load_state_dict(clean_state_dict(ckpt['model']))
         policy_optimizer.load_state_dict(ckpt['optimizer'])
         if critic:
             value_model.load_state_dict(clean_state_dict(ckpt['value_model']))
             value_optimizer.load_state_dict(ckpt['value_optimizer'])
-        iter_num, kl_ctl.value = ckpt_meta['iter_num'], ckpt_meta['kl_coef']
+        iter_num, kl_ctl.value, before = ckpt_meta['iter_num'], ckpt_meta['kl_coef'], ckpt_meta['before']
         ckpt = None
     n_params = sum(p.numel() for p in policy.parameters())
     n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
@@ -584,27 +591,30 @@ if __name__ == '__main__':
                     score=rm_scores.mean().item() if rm_scores is not None else None)
 
     def save():
-        """ckpt.pt: the training state (policy with its adapters, value model, optimizers, beta); sample.py and
-        model_from_checkpoint load it as a plain GPT. model.pt: the policy with adapters merged."""
+        """model.pt: the policy with adapters merged; then ckpt.pt: the training state (policy with its adapters,
+        value model, optimizers, beta), which sample.py and model_from_checkpoint also load as a plain GPT.
+        Each file is written atomically, ckpt.pt last: a run killed between the two resumes from the older
+        ckpt.pt and writes the same model.pt again."""
         sd = clean_state_dict(policy.state_dict())
+        merged = merged_gpt(sd, policy.config.__dict__, lora)
+        save_checkpoint(os.path.join(out_dir, 'model.pt'), {'model': merged.state_dict()},
+                        dict(model_args=merged.config.__dict__, data_meta=data_meta, ppo=config, iter_num=iter_num,
+                             base=dict(init_from=sft_path)))
         meta = dict(model_args=policy.config.__dict__, lora=lora, data_meta=data_meta, iter_num=iter_num,
-                    kl_coef=kl_ctl.value, config=config, sft_path=sft_path, reward_model=rm_path)
+                    kl_coef=kl_ctl.value, config=config, sft_path=sft_path, reward_model=rm_path, before=before)
         state = {'model': sd, 'optimizer': policy_optimizer.state_dict()}
         if critic:
             state.update(value_model=clean_state_dict(value_model.state_dict()),
                          value_optimizer=value_optimizer.state_dict())
         save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), state, meta)
-        merged = merged_gpt(sd, policy.config.__dict__, lora)
-        save_checkpoint(os.path.join(out_dir, 'model.pt'), {'model': merged.state_dict()},
-                        dict(model_args=merged.config.__dict__, data_meta=data_meta, ppo=config, iter_num=iter_num,
-                             base=dict(init_from=sft_path)))
 
     # -------------------------------------------------------------------------
     if master_process:
         os.makedirs(out_dir, exist_ok=True)
-    before = after = evaluate('sft' if iter_num == 0 else f'resumed at {iter_num}', val_tasks,
-                              test=iter_num == 0) if master_process else {}
-    t0 = time.time()
+    if master_process and iter_num == 0:
+        before = evaluate('sft', val_tasks, test=True)
+    after = before
+    t0, iter_start = time.time(), iter_num
     # The policy always runs in eval mode: PPO's ratio compares two forward passes, and dropout would make
     # them differ for no reason (gradients flow in eval mode all the same).
     policy.eval()
@@ -628,7 +638,7 @@ if __name__ == '__main__':
         if group_size > 1:
             scores = leave_one_out(scores, group_size)
         if not push_down:
-            scores = scores.clamp(min=0)
+            scores = (scores - score_margin).clamp(min=0)
 
         # 2. per-token rewards, values, advantages (no gradient: these are the targets)
         with torch.no_grad(), ctx:
@@ -714,7 +724,8 @@ if __name__ == '__main__':
                   + f", KL {kl:.3f} (beta {beta:.4f}), clip {clip_f:.3f}, approx KL {approx_kl_f:.4f}, "
                   f"entropy {rollout_entropy:.3f}, "
                   + (f"value loss {vf_l:.4f}, expl. var {expl_var:.2f}, " if critic else '') +
-                  f"reply {reply_len:.1f} tokens, {dt:.1f} s ({t_rollout:.1f} rollout)")
+                  f"reply {reply_len:.1f} tokens, {dt:.1f} s ({t_rollout:.1f} rollout); "
+                  f"{progress(iter_num, max_iters, t0, iter_start)}")
             log(record)
         if (iter_num % eval_interval == 0 or iter_num == max_iters) and master_process:
             after = evaluate(f'iter {iter_num}', val_tasks, test=iter_num == max_iters)

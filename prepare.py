@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from common import write_text_atomic
+from common import check_settings, fail, write_text_atomic
 
 # -----------------------------------------------------------------------------
 dataset = ''          # output folder under data_dir; also picks defaults for the known datasets below
@@ -29,23 +29,22 @@ block_bytes = 1 << 20  # how much text is encoded at a time
 # the chat datasets: python prepare.py tasks; python prepare.py shakespeare_tasks
 n_per_skill = 2000     # task instances per skill, 80/10/10 train/val/test
 vocab_size = 1024      # shakespeare_tasks: size of the BPE trained for it
+task_phrasings = 2     # shakespeare_tasks: each train task appears this many times, each in another phrasing
 seed = 1337
 # preference pairs: python prepare.py prefs --sft_dir=out-sft (the supervised model's replies, gold-labelled)
 sft_dir = 'out-sft'      # the supervised model (its model.pt) whose replies are compared
-prefs_prompts = 2000     # train task prompts sampled, the same number per skill
+prefs_prompts = 8000     # train task prompts sampled, the same number per skill (8000: all of them)
 prefs_val_prompts = 500  # val task prompts: held-out pairs for reward.py and dpo.py
 prefs_samples = 8        # replies sampled per prompt
 prefs_pairs = 4          # at most this many (correct, incorrect) pairs kept per prompt
 prefs_temperature = 1.0
+prefs_reference = False  # True: a prompt none of whose sampled replies is correct pairs the task's reference answer
+                         # (chosen) with its wrong replies, cut off or not: off-policy pairs, for a model that
+                         # rarely succeeds (pipeline.py --smoke uses it: a model trained 4 steps never does)
 device = 'auto'          # where the replies are sampled
 # -----------------------------------------------------------------------------
 TINYSHAKESPEARE = dict(size=1115394, sha256='86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed')
 KNOWN = {'shakespeare_char': 'char', 'shakespeare': 'gpt2', 'tasks': None, 'shakespeare_tasks': None}
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
 
 
 def input_files(path):
@@ -248,12 +247,13 @@ def prepare_tasks(data_dir, n_per_skill, seed):
     return suite
 
 
-def prepare_chat_base(data_dir, input, url, vocab_size, seed):
-    """tinyshakespeare with the task suite's training examples mixed in as plain text ("prompt\\nanswer"),
-    tokenized by a BPE trained on it with the chat tokens registered: the corpus of a base model that
-    knows some of the skills but has never seen a chat."""
+def prepare_chat_base(data_dir, input, url, vocab_size, seed, phrasings=2):
+    """tinyshakespeare with the task suite's training examples mixed in as plain text ("prompt\\nanswer"), each
+    in `phrasings` of its skill's templates, tokenized by a BPE trained on it with the chat tokens registered:
+    the corpus of a base model that knows some of the skills but has never seen a chat."""
     import random
     import bpe
+    from tasks import TEMPLATES
     from tokenizer import CHAT_TOKENS
     out_dir = os.path.join(data_dir, 'shakespeare_tasks')
     os.makedirs(out_dir, exist_ok=True)
@@ -274,6 +274,10 @@ def prepare_chat_base(data_dir, input, url, vocab_size, seed):
         tasks = [json.loads(line) for line in f]
     rng = random.Random(seed)
     pieces = paragraphs + [f"{t['prompt']}\n{t['answer']}" for t in tasks]
+    for t in tasks[:] if phrasings > 1 else []:  # more of the same instances, in the skill's other templates
+        args = json.loads(t['key'].split(':', 1)[1])  # the instance without its phrasing (tasks.make_task)
+        others = [p for p in TEMPLATES[t['skill']] if p.format(**args) != t['prompt']]
+        pieces += [f"{p.format(**args)}\n{t['answer']}" for p in rng.sample(others, min(phrasings - 1, len(others)))]
     rng.shuffle(pieces)  # spread tasks evenly, so the val split (the end) has both kinds of text
     text = '\n\n'.join(pieces)
     mixed = os.path.join(out_dir, 'input.txt')
@@ -299,21 +303,26 @@ def dedupe(texts):
     return list(dict.fromkeys(texts))
 
 
-def preference_pairs(task, replies, max_pairs, rng):
+def preference_pairs(task, replies, max_pairs, rng, reference=False):
     """Up to max_pairs (chosen, rejected) records from (text, finished) replies: a distinct correct reply
     against a distinct incorrect one. Left out as rejected: empty replies (not valid preference data) and
     unfinished ones, cut off before <|end|>: the model never produced them followed by <|end|>, as the pair
-    would show them, and pushing that down teaches the policy not to stop."""
+    would show them, and pushing that down teaches the policy not to stop. With reference=True a prompt
+    with no correct reply uses the task's own answer as the chosen one, against its wrong replies cut off or not."""
     from tasks import check_answer
     correct = dedupe(r for r, _ in replies if check_answer(task, r))
     wrong = dedupe(r for r, finished in replies if finished and r.strip() and not check_answer(task, r))
+    if reference and not correct:
+        correct = [task['answer']]
+        wrong = dedupe(r for r, _ in replies if r.strip() and not check_answer(task, r))
     pairs = [(c, w) for c in correct for w in wrong]
     rng.shuffle(pairs)
     return [{'prompt': [{'role': 'user', 'content': task['prompt']}], 'chosen': c, 'rejected': w,
              'skill': task['skill'], 'key': task['key']} for c, w in pairs[:max_pairs]]
 
 
-def prepare_prefs(data_dir, sft_dir, n_prompts, n_val_prompts, k, max_pairs, temperature, device, seed):
+def prepare_prefs(data_dir, sft_dir, n_prompts, n_val_prompts, k, max_pairs, temperature, device, seed,
+                  reference=False):
     """data/prefs/{train,val}.jsonl from train and val task prompts, and meta.json with what was kept."""
     import random
     import torch
@@ -346,11 +355,13 @@ def prepare_prefs(data_dir, sft_dir, n_prompts, n_val_prompts, k, max_pairs, tem
             pool = [json.loads(line) for line in f]
         per_skill = -(-n // len(SKILLS))  # the same number of prompts for every skill
         tasks = [t for s in SKILLS for t in [t for t in pool if t['skill'] == s][:per_skill]]
-        replies = sample_replies(model, tokenizer, [t['prompt'] for t in tasks], k, temperature,
-                                 generator=generator, return_finished=True)
+        print(f"{split}: sampling {k} replies to each of {len(tasks)} prompts")
+        # 16 new tokens, as tasks.gold_accuracy and ppo.py allow: every answer of the suite fits
+        replies = sample_replies(model, tokenizer, [t['prompt'] for t in tasks], k, temperature, max_new_tokens=16,
+                                 generator=generator, return_finished=True, show_progress=True)
         records, stats[split] = [], {}
         for task, rs in zip(tasks, replies):
-            pairs = preference_pairs(task, rs, max_pairs, rng)
+            pairs = preference_pairs(task, rs, max_pairs, rng, reference)
             records += [check_preference(p) for p in pairs]  # every pair we write is valid by construction
             s = stats[split].setdefault(task['skill'], dict(prompts=0, replies=0, correct=0, empty=0, unfinished=0,
                                                             prompts_all_correct=0, prompts_none_correct=0,
@@ -375,7 +386,7 @@ def prepare_prefs(data_dir, sft_dir, n_prompts, n_val_prompts, k, max_pairs, tem
                   f"{s['correct'] / max(1, s['replies']):>7.0%} {s['unfinished']:>7} {s['prompts_all_correct']:>6} "
                   f"{s['prompts_none_correct']:>7} {s['pairs']:>6}")
     meta = dict(sft_model=os.path.abspath(path), samples_per_prompt=k, max_pairs_per_prompt=max_pairs,
-                temperature=temperature, seed=seed, stats=stats)
+                temperature=temperature, reference_answers=reference, seed=seed, stats=stats)
     write_text_atomic(os.path.join(out_dir, 'meta.json'), json.dumps(meta, indent=1))
     print(f"{out_dir}: {stats['train']['all']['pairs']} train and "
           f"{stats['val'].get('all', {}).get('pairs', 0)} val preference pairs")
@@ -395,14 +406,17 @@ def expand_dataset_name(argv):
 if __name__ == '__main__':
     from configurator import apply_config
     apply_config(globals(), expand_dataset_name(sys.argv[1:]))
+    check_settings(globals(), positive=('block_bytes', 'n_per_skill', 'vocab_size', 'task_phrasings', 'prefs_samples',
+                                        'prefs_pairs', 'prefs_prompts', 'prefs_temperature'),
+                   non_negative=('prefs_val_prompts',), fractions=('val_fraction',))
     if not dataset:
         fail("name the dataset: python prepare.py shakespeare_char, or --input=PATH --dataset=NAME")
     if dataset == 'tasks':
         prepare_tasks(data_dir, n_per_skill, seed)
     elif dataset == 'shakespeare_tasks':
-        prepare_chat_base(data_dir, input, url, vocab_size, seed)
+        prepare_chat_base(data_dir, input, url, vocab_size, seed, task_phrasings)
     elif dataset == 'prefs':
         prepare_prefs(data_dir, sft_dir, prefs_prompts, prefs_val_prompts, prefs_samples, prefs_pairs,
-                      prefs_temperature, device, seed)
+                      prefs_temperature, device, seed, prefs_reference)
     else:
         prepare(dataset, input, tokenizer, val_fraction, data_dir, url)

@@ -9,8 +9,10 @@ P(chosen > rejected) = sigmoid(r_chosen - r_rejected), i.e. loss -log sigmoid(r_
     python reward.py --data=PATH_OR_URL/train.jsonl.gz --val_data=.../test.jsonl.gz   # HH-RLHF
 
 It reports pairwise accuracy and mean margin on held-out pairs and, on held-out task prompts, how well its
-score ranks the SFT model's sampled replies by the gold checker (AUC, best-of-k). Writes out_dir/reward.pt
-and metrics.jsonl. ppo.py imports the model from here:
+score ranks the SFT model's sampled replies by the gold checker: AUC, and best-of-n (the reply it scores
+highest among n) for n = 1, 2, 4, ... rank_samples, the reference curve of the over-optimization plot.
+The model with the lowest held-out loss is kept (early stopping): out_dir/reward.pt; out_dir/ckpt.pt is the
+training state (--init_from=resume); metrics.jsonl the log. ppo.py imports the model from here:
 
     from reward import load_reward_model, score
     rm, meta = load_reward_model('out-reward/reward.pt', device)
@@ -19,7 +21,6 @@ and metrics.jsonl. ppo.py imports the model from here:
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -27,15 +28,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import get_lr, seed_everything, setup_device
-from model import (GPT, GPTConfig, apply_lora, clean_state_dict, find_model, load_checkpoint, merge_lora,
-                   model_from_checkpoint, pad_batch, parse_lora_targets, save_checkpoint)
+from common import get_lr, progress, seed_everything, setup_device
+from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict, find_model, load_checkpoint,
+                   merge_lora, model_from_checkpoint, pad_batch, parse_lora_targets, save_checkpoint)
 from tasks import (SKILLS, chat_ids, check_answer, encode_preferences, preference_batch, preference_splits,
                    render_prompt, sample_replies)
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
-init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt)
+init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt);
+                             # 'resume': continue the run in out_dir from its ckpt.pt
 out_dir = 'out-reward'
 data = 'prefs'               # 'prefs': data_dir/prefs/{train,val}.jsonl (prepare.py prefs); or a JSONL(.gz)
                              # path or URL, {prompt, chosen, rejected} or HH-RLHF {chosen, rejected} transcripts
@@ -59,11 +61,16 @@ weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0
+center_coef = 0.0            # > 0: plus center_coef * (r_chosen + r_rejected)^2 (as TRL's center_rewards_coefficient):
+                             # the pair loss only sees differences, so each prompt's scores could sit anywhere; this
+                             # keeps the midpoint of a good and a bad reply near 0, so that a score's sign means
+                             # something on its own (PPO without a baseline needs that)
 # evaluation
 eval_interval = 100
 eval_pairs = 1000            # held-out pairs for accuracy and margin (0: all)
 rank_prompts = 250           # held-out task prompts whose sampled replies the reward ranks (0 disables)
-rank_samples = 8             # replies sampled per prompt (from init_from's model, temperature 1)
+rank_samples = 8             # replies sampled per prompt from the supervised model; best-of-n for n up to this
+rank_temperature = 1.0       # ... at this temperature (ppo.py's, for the over-optimization plot)
 rank_split = 'test'          # task split of those prompts
 log_interval = 10
 # system
@@ -94,17 +101,24 @@ class RewardModel(nn.Module):
         return GPT.configure_optimizers(self, *args)  # it only needs self.parameters()
 
 
-def reward_loss(r_chosen, r_rejected):
-    """Bradley-Terry: -log P(chosen preferred) = -log sigmoid(r_chosen - r_rejected), averaged."""
-    return -F.logsigmoid(r_chosen - r_rejected).mean()
+def reward_loss(r_chosen, r_rejected, center_coef=0.0):
+    """Bradley-Terry: -log P(chosen preferred) = -log sigmoid(r_chosen - r_rejected), averaged; plus, with
+    center_coef, the mean of center_coef * (r_chosen + r_rejected)^2 (Eisenstein et al. 2023, "reward centering")."""
+    loss = -F.logsigmoid(r_chosen - r_rejected).mean()
+    if center_coef:
+        loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
+    return loss
 
 
 def load_reward_model(path, device='cpu'):
     """The reward model saved by reward.py, in eval mode; returns (reward_model, meta). Its tokenizer:
     tokenizer.load_tokenizer(meta['data_meta'])."""
-    ckpt, meta = load_checkpoint(path, map_location=device)
-    rm = RewardModel(GPT(GPTConfig(**meta['model_args'])))
-    rm.load_state_dict(clean_state_dict(ckpt['model']))
+    ckpt, meta = load_checkpoint(path, map_location=device)  # CheckpointError if it is not a checkpoint
+    try:
+        rm = RewardModel(GPT(GPTConfig(**meta['model_args'])))
+        rm.load_state_dict(clean_state_dict(ckpt['model']))
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a reward model of reward.py ({type(e).__name__})") from None
     return rm.to(device).eval(), meta
 
 
@@ -164,28 +178,58 @@ def ranking_metrics(tasks, replies, rewards):
                     oracle=per[k]['oracle'] / per[k]['prompts']) for k in order if k in per}
 
 
+def best_of_n(tasks, replies, rewards, ns):
+    """Best-of-n by the reward, for each n in ns: the gold accuracy and the mean reward of the reply that scores
+    highest among n replies to the same prompt, and KL(best-of-n || policy) = log n - (n - 1) / n (Stiennon et
+    al. 2020), the distance from the sampling policy that picking costs. From N >= n replies per prompt, without
+    the noise of drawing subsets: the best of a random n of them is the i-th lowest-scored with probability
+    C(i - 1, n - 1) / C(N, n)."""
+    curve = []
+    for n in ns:
+        accuracy = reward_sum = 0.0
+        for task, rs, scores in zip(tasks, replies, rewards):
+            N = len(rs)
+            for i, j in enumerate(sorted(range(N), key=lambda j: scores[j]), 1):
+                p = math.comb(i - 1, n - 1) / math.comb(N, n)
+                accuracy += p * check_answer(task, rs[j])
+                reward_sum += p * scores[j]
+        curve.append(dict(n=n, kl=math.log(n) - (n - 1) / n, gold_accuracy=accuracy / len(tasks),
+                          score=reward_sum / len(tasks)))
+    return curve
+
+
 if __name__ == '__main__':
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
+    from common import check_out_dir, check_settings, fail
     from configurator import apply_config
     config = apply_config(globals())
 
-    def fail(msg):
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(1)
-
     # every check that needs no model comes first
-    if batch_size < 1 or max_iters < 0 or rank_samples < 2 and rank_prompts > 0:
-        fail("batch_size must be >= 1, max_iters >= 0 and rank_samples >= 2")
+    check_settings(globals(), positive=('batch_size', 'gradient_accumulation_steps', 'learning_rate', 'eval_interval',
+                                        'log_interval', 'lora_alpha', 'rank_temperature'),
+                   non_negative=('max_iters', 'warmup_iters', 'min_lr', 'weight_decay', 'grad_clip', 'center_coef',
+                                 'eval_pairs', 'rank_prompts'),
+                   fractions=('val_fraction', 'lora_dropout', 'beta1', 'beta2'),
+                   choices={'rank_split': ('train', 'val', 'test')})
+    if rank_prompts > 0 and rank_samples < 2:
+        fail(f"rank_samples must be >= 2 to rank replies, got {rank_samples}")
     try:
         targets = parse_lora_targets(lora_rank, lora_targets)
     except ValueError as e:
         fail(str(e))
-    if rank_split not in ('train', 'val', 'test'):
-        fail(f"rank_split must be train, val or test; got '{rank_split}'")
-    sft_path = find_model(init_from)
-    if sft_path is None:
-        fail(f"no model.pt or ckpt.pt in init_from='{init_from}': run finetune_lora.py first")
+    check_out_dir(out_dir)
+    ckpt = None
+    if init_from == 'resume':
+        try:
+            ckpt, ckpt_meta = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+        except CheckpointError as e:
+            fail(f"init_from='resume': {e}")
+        sft_path = ckpt_meta['sft_path']
+    else:
+        sft_path = find_model(init_from)
+        if sft_path is None:
+            fail(f"no model.pt or ckpt.pt in init_from='{init_from}': run finetune_lora.py first")
     try:
         train_prefs, val_prefs, report = preference_splits(data, data_dir, val_data, val_fraction, seed)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
@@ -203,7 +247,10 @@ if __name__ == '__main__':
     # -------------------------------------------------------------------------
     # the supervised model becomes the trunk; its replies (sampled before any training) are what the
     # reward will have to rank
-    gpt, sft_meta = model_from_checkpoint(sft_path, device)
+    try:
+        gpt, sft_meta = model_from_checkpoint(sft_path, device)
+    except CheckpointError as e:
+        fail(str(e))
     data_meta = sft_meta['data_meta']
     try:
         tokenizer = load_tokenizer(data_meta)
@@ -221,9 +268,9 @@ if __name__ == '__main__':
             rank_tasks = [pool[i] for i in sorted(rng.permutation(len(pool))[:rank_prompts])]
             t_sample = time.time()
             rank_replies = sample_replies(gpt, tokenizer, [t['prompt'] for t in rank_tasks], rank_samples,
-                                          generator=torch.Generator(device).manual_seed(seed))
+                                          rank_temperature, generator=torch.Generator(device).manual_seed(seed))
             print(f"sampled {rank_samples} replies to each of {len(rank_tasks)} {rank_split} task prompts "
-                  f"in {time.time() - t_sample:.1f} s")
+                  f"(temperature {rank_temperature}) in {time.time() - t_sample:.1f} s")
         else:
             print(f"no {path}: ranking of sampled replies skipped")
 
@@ -256,6 +303,12 @@ if __name__ == '__main__':
     # -------------------------------------------------------------------------
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+    iter_num, best_val_loss = 0, float('inf')
+    if ckpt is not None:
+        model.load_state_dict(clean_state_dict(ckpt['model']))
+        optimizer.load_state_dict(ckpt['optimizer'])
+        iter_num, best_val_loss = ckpt_meta['iter_num'], ckpt_meta['best_val_loss']
+        ckpt = None
     raw_model = model
     if ddp:
         model = DDP(model, device_ids=[torch.device(device).index] if device_type == 'cuda' else None)
@@ -266,17 +319,17 @@ if __name__ == '__main__':
                 f.write(json.dumps(record) + '\n')
 
     @torch.no_grad()
-    def evaluate(tag, rank=False):
+    def evaluate(tag, reward_model, rank=False):
         """Held-out pairs: loss, accuracy (r_chosen > r_rejected), mean margin, per skill where records
         name one; with rank=True also the ranking of sampled replies to held-out task prompts."""
         rewards = []
         for i in range(0, len(val_data_ex), 64):
             idx, _, lengths = preference_batch(val_data_ex[i:i + 64], device)
-            raw_model.eval()
+            reward_model.eval()
             with ctx:
-                r = raw_model(idx, lengths)
+                r = reward_model(idx, lengths)
             rewards.append(r.view(2, -1))
-        raw_model.train()
+        reward_model.train()
         rc, rr = torch.cat(rewards, dim=1)
         result = dict(val_loss=reward_loss(rc, rr).item(), val_accuracy=(rc > rr).float().mean().item(),
                       val_margin=(rc - rr).mean().item(), reward_mean=torch.cat([rc, rr]).mean().item(),
@@ -290,37 +343,57 @@ if __name__ == '__main__':
         if rank and rank_tasks:
             flat_p = [t['prompt'] for t, rs in zip(rank_tasks, rank_replies) for _ in rs]
             flat_r = [r for rs in rank_replies for r in rs]
-            scores = score(raw_model, tokenizer, flat_p, flat_r).tolist()
+            with ctx:
+                scores = score(reward_model, tokenizer, flat_p, flat_r).float()
+            # standardised as ppo.py standardises them, so the curve and PPO's scores share one axis
+            scores = ((scores - result['reward_mean']) / result['reward_std']).tolist()
             scores = [scores[i * rank_samples:(i + 1) * rank_samples] for i in range(len(rank_tasks))]
             result['ranking'] = ranking_metrics(rank_tasks, rank_replies, scores)
+            ns = [n for n in (2 ** k for k in range(rank_samples.bit_length())) if n <= rank_samples]
+            result['best_of_n'] = best_of_n(rank_tasks, rank_replies, scores, ns)
             a = result['ranking']['all']
-            text += f"; {rank_split} prompts: AUC {a['auc']:.3f} over {a['pairs']} (correct, incorrect) pairs, " \
-                    f"best-of-{rank_samples} by reward {a['best_of_k']:.1%} vs random {a['random']:.1%} " \
-                    f"(oracle {a['oracle']:.1%})"
+            auc = 'undefined' if a['auc'] is None else f"{a['auc']:.3f}"  # no prompt had right and wrong replies
+            text += f"; {rank_split} prompts: AUC {auc} over {a['pairs']} (correct, incorrect) pairs; " \
+                    f"best-of-n by reward: " + ', '.join(f"n={c['n']} {c['gold_accuracy']:.1%}"
+                                                         for c in result['best_of_n']) + \
+                    f" (oracle of {rank_samples}: {a['oracle']:.1%})"
         print(f"[{tag}] {text}")
         log({'iter': iter_num, 'eval': tag, **result})
         return result
 
-    def save():
-        """reward.pt: the trunk with its adapters merged, and the head; loads with load_reward_model."""
-        sd = clean_state_dict(raw_model.state_dict())
+    def plain_reward_model():
+        """The trunk with its adapters merged, and the head: what load_reward_model rebuilds."""
         plain = RewardModel(GPT(GPTConfig(**raw_model.gpt.config.__dict__)))
         if lora:
             apply_lora(plain.gpt, **lora)
-        plain.load_state_dict(sd)
+        plain.load_state_dict(clean_state_dict(raw_model.state_dict()))
         if lora:
             merge_lora(plain.gpt)
-        meta = dict(model_args=plain.gpt.config.__dict__, data_meta=data_meta, lora=lora, iter_num=iter_num,
-                    config=config, init_from=sft_path, reward_mean=last.get('reward_mean'),
-                    reward_std=last.get('reward_std'))
-        save_checkpoint(os.path.join(out_dir, 'reward.pt'), {'model': plain.state_dict()}, meta)
+        return plain
+
+    def save(result):
+        """reward.pt when the held-out loss is the best so far (written first), then ckpt.pt, the training
+        state, at every evaluation: a run killed between the two resumes from the older ckpt.pt and writes
+        the same reward.pt again."""
+        global best_val_loss
+        if result['val_loss'] < best_val_loss:
+            best_val_loss = result['val_loss']
+            plain = plain_reward_model()
+            meta = dict(model_args=plain.gpt.config.__dict__, data_meta=data_meta, lora=lora, iter_num=iter_num,
+                        config=config, init_from=sft_path, reward_mean=result['reward_mean'],
+                        reward_std=result['reward_std'], val_loss=result['val_loss'])
+            save_checkpoint(os.path.join(out_dir, 'reward.pt'), {'model': plain.state_dict()}, meta)
+        save_checkpoint(os.path.join(out_dir, 'ckpt.pt'),
+                        {'model': clean_state_dict(raw_model.state_dict()), 'optimizer': optimizer.state_dict()},
+                        dict(iter_num=iter_num, best_val_loss=best_val_loss, sft_path=sft_path, config=config))
 
     # -------------------------------------------------------------------------
     if master_process:
         os.makedirs(out_dir, exist_ok=True)
-    iter_num = 0
-    last = evaluate('init') if master_process else {}
+        if iter_num == 0:
+            evaluate('init', raw_model)
     t0 = t_log = time.time()
+    iter_start = iter_num
     loss_sum = torch.zeros((), device=device)
     acc_sum = torch.zeros((), device=device)
     while iter_num < max_iters:
@@ -335,7 +408,7 @@ if __name__ == '__main__':
                 model.require_backward_grad_sync = (micro_step == accum_steps - 1)
             with ctx:
                 rc, rr = model(idx, lengths).view(2, -1)  # chosen rows first, then rejected
-                loss = reward_loss(rc, rr) / accum_steps
+                loss = reward_loss(rc, rr, center_coef) / accum_steps
             loss_sum += loss.detach()
             acc_sum += (rc > rr).float().mean().detach() / accum_steps
             scaler.scale(loss).backward()
@@ -357,23 +430,26 @@ if __name__ == '__main__':
                 fail(f"loss is NaN or inf at iteration {iter_num}")
             if master_process:
                 print(f"iter {iter_num}: loss {lossf:.4f}, train pair accuracy {accf:.1%}, lr {lr:.2e}, "
-                      f"{(time.time() - t_log) / n * 1000:.0f} ms/iter")
+                      f"{(time.time() - t_log) / n * 1000:.0f} ms/iter; {progress(iter_num, max_iters, t0, iter_start)}")
                 log({'iter': iter_num, 'loss': lossf, 'train_accuracy': accf, 'lr': lr})
             loss_sum.zero_()
             acc_sum.zero_()
             t_log = time.time()
         if (iter_num % eval_interval == 0 or iter_num == max_iters) and master_process:
-            last = evaluate(f'iter {iter_num}', rank=iter_num == max_iters)
-            save()
-    if max_iters == 0 and master_process:
-        last = evaluate('init', rank=True)
-        save()
+            save(evaluate(f'iter {iter_num}', raw_model))
     if master_process:
+        if max_iters == 0:
+            save(evaluate('init', raw_model))
         elapsed = time.time() - t0
-        print(f"trained {iter_num} iterations in {elapsed:.1f} s; reward model in {os.path.join(out_dir, 'reward.pt')}")
+        # the kept model (the lowest held-out loss), evaluated again with the ranking of sampled replies
+        best, best_meta = load_reward_model(os.path.join(out_dir, 'reward.pt'), device)
+        final = evaluate(f"best (iter {best_meta['iter_num']})", best, rank=True)
+        print(f"trained {iter_num} iterations in {elapsed:.1f} s; reward model (iteration {best_meta['iter_num']}, "
+              f"the lowest held-out loss) in {os.path.join(out_dir, 'reward.pt')}")
         log({'summary': dict(mode='lora' if lora else 'full', trainable_params=n_trainable, total_params=n_params,
-                             train_seconds=elapsed, train_pairs=len(train_data), val_pairs=len(val_data_ex)),
-             'final': last})
+                             train_seconds=elapsed, train_pairs=len(train_data), val_pairs=len(val_data_ex),
+                             best_iter=best_meta['iter_num']),
+             'final': final})
     if ddp:
         dist.barrier()  # every process done before the group goes (see train.py)
         dist.destroy_process_group()

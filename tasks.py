@@ -9,6 +9,7 @@ DPO and PPO train and are scored on (model.py is the network itself).
 """
 import hashlib
 import json
+import math
 import os
 
 import torch
@@ -173,6 +174,18 @@ def gold_accuracy(model, tokenizer, tasks, batch_size=64, max_new_tokens=16):
     return acc, replies
 
 
+def mcnemar(correct_a, correct_b):
+    """Is model b better than model a on the same prompts, or is the difference noise? McNemar's exact test
+    looks only at the prompts where they disagree: fixed (a wrong, b right) and broken (a right, b wrong). If
+    neither model were better, each such prompt would be a fair coin; p (two-sided) is the probability of a
+    split at least this uneven. Returns (fixed, broken, p)."""
+    fixed = sum(1 for a, b in zip(correct_a, correct_b) if b and not a)
+    broken = sum(1 for a, b in zip(correct_a, correct_b) if a and not b)
+    n = fixed + broken
+    tail = sum(math.comb(n, k) for k in range(min(fixed, broken) + 1)) / 2 ** n
+    return fixed, broken, min(1.0, 2 * tail)
+
+
 # -----------------------------------------------------------------------------
 # Preference data, shared by reward.py, dpo.py and ppo.py. A preference is
 #   {'prompt': [messages, ending with a user turn], 'chosen': str, 'rejected': str}
@@ -300,10 +313,14 @@ def preference_batch(examples, device='cpu'):
 
 @torch.no_grad()
 def sample_replies(model, tokenizer, prompts, k=1, temperature=1.0, max_new_tokens=24, batch_size=256,
-                   generator=None, top_k=None, return_finished=False):
+                   generator=None, top_k=None, return_finished=False, show_progress=False):
     """k sampled assistant replies (text) to each prompt (a list of messages, or a string: one user turn),
     batched with the KV cache and stopped at <|end|>. Returns one list of k replies per prompt; with
-    return_finished, each reply is (text, finished): False if it ran out of tokens before <|end|>."""
+    return_finished, each reply is (text, finished): False if it ran out of tokens before <|end|>.
+    show_progress prints how many are done and the time left after each batch."""
+    import time
+    from common import progress
+    t0 = time.time()
     end = chat_ids(tokenizer)[2]
     was_training = model.training
     model.eval()
@@ -315,6 +332,8 @@ def sample_replies(model, tokenizer, prompts, k=1, temperature=1.0, max_new_toke
                                   stop_token=end, generator=generator, vocab_limit=tokenizer.n_vocab):
             text = tokenizer.decode(row)
             out.append((text, len(row) < max_new_tokens) if return_finished else text)  # the stop token is not in row
+        if show_progress:
+            print(f"sampled {progress(len(out), len(ids), t0)}", flush=True)
     model.train(was_training)
     return [out[j * k:(j + 1) * k] for j in range(len(prompts))]
 

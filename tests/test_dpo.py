@@ -79,9 +79,10 @@ def test_label_smoothing_matches_conservative_dpo(beta, eps):
 @pytest.mark.parametrize('beta', [0.1, 1.0])
 def test_ipo_loss_matches_hand_formula(beta):
     pc, pr, rc, rr = random_logps(seed=3)
-    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta, 'ipo')
-    for i in range(len(pc)):
-        h = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
+    nc, nr = torch.randint(1, 9, (len(pc),)), torch.randint(1, 9, (len(pc),))
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta, 'ipo', chosen_tokens=nc, rejected_tokens=nr)
+    for i in range(len(pc)):  # as TRL: each reply's log-ratio averaged over its tokens
+        h = (pc[i].item() - rc[i].item()) / nc[i].item() - (pr[i].item() - rr[i].item()) / nr[i].item()
         assert losses[i].item() == pytest.approx((h - 1 / (2 * beta)) ** 2, rel=1e-9)
 
 
@@ -211,12 +212,16 @@ def toy_setup(tmp_path_factory, tok_meta):
     return d
 
 
-def margin(path_or_model, tokenizer, prefs):
+def margin(path_or_model, tokenizer, prefs, per_token=False):
+    """Mean over pairs of log p(chosen) - log p(rejected), each summed (or, per_token, averaged) over its reply."""
     m = path_or_model if isinstance(path_or_model, GPT) else M.model_from_checkpoint(str(path_or_model))[0]
     examples = [T.preference_example(T.check_preference(p), tokenizer, 64) for p in prefs]
     idx, mask, _ = T.preference_batch(examples)
     with torch.no_grad():
         c, r = M.response_logprobs(m.eval(), idx, mask).view(2, -1)
+    if per_token:
+        nc, nr = mask[:, 1:].sum(1).view(2, -1)
+        c, r = c / nc, r / nr
     return (c - r).mean().item()
 
 
@@ -239,8 +244,9 @@ def test_dpo_moves_policy_towards_chosen(toy_setup, tokenizer, mode):
     val = toy_prefs(16, 1)
     before, after = margin(d / 'sft' / 'model.pt', tokenizer, val), margin(out / 'model.pt', tokenizer, val)
     beta = 0.5 if '--beta=0.5' in mode else 0.1
-    if '--loss_type=ipo' in mode:
-        assert abs((after - before) - 1 / (2 * beta)) < 0.25  # IPO regresses the log-ratio gap onto 1 / (2 beta)
+    if '--loss_type=ipo' in mode:  # IPO regresses the per-token log-ratio gap onto 1 / (2 beta)
+        gain = margin(out / 'model.pt', tokenizer, val, True) - margin(d / 'sft' / 'model.pt', tokenizer, val, True)
+        assert abs(gain - 1 / (2 * beta)) < 0.25
     else:
         assert after - before > 1.0
     # the logged margin is beta times this gain in log-ratio
@@ -249,7 +255,7 @@ def test_dpo_moves_policy_towards_chosen(toy_setup, tokenizer, mode):
 
 # each is a process start (several seconds on a busy machine): one per kind of check
 @pytest.mark.parametrize('args,message', [
-    (['--loss_type=hinge'], "loss_type must be 'sigmoid' or 'ipo'"),
+    (['--loss_type=hinge'], "loss_type must be one of sigmoid, ipo; got 'hinge'"),
     (['--label_smoothing=0.2', '--loss_type=ipo'], 'sigmoid loss only'),
     (['--init_from=/nonexistent'], 'no model.pt or ckpt.pt'),
     (['--data=BADFILE'], '0 usable train'),

@@ -152,7 +152,7 @@ def test_prepare_prefs_keeps_correct_incorrect_pairs(tmp_path, tok_meta, monkeyp
     write_sft(tmp_path / 'sft', tok_meta)
     monkeypatch.setattr(prepare, 'n_per_skill', 20)
 
-    def fake_sampler(model, tokenizer, prompts, k, temperature, generator=None, return_finished=False):
+    def fake_sampler(model, tokenizer, prompts, k, temperature, generator=None, return_finished=False, **kw):
         """copy: always right; add: never; the others: 2 distinct right replies, 2 distinct wrong ones, an
         empty one and one cut off before <|end|> (neither may be a rejected reply)."""
         assert return_finished

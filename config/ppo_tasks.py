@@ -1,27 +1,38 @@
 # RLHF with PPO on the task suite: the supervised model (config/sft_tasks.py) is the policy's start and the
 # reference; the reward model (config/reward_tasks.py) was trained on gold-labelled pairs of its replies.
-#   python ppo.py config/ppo_tasks.py                                              # KL penalty, adaptive beta
-#   python ppo.py config/ppo_tasks.py --kl_coef=0 --kl_target=0 --out_dir=out-ppo-beta0   # no penalty
-#   python ppo.py config/ppo_tasks.py --reward=gold --out_dir=out-ppo-gold         # the checker as reward
-#   python ppo.py --compare=out-ppo,out-ppo-beta0                                  # table (+ plot)
+#   python ppo.py config/ppo_tasks.py                                                   # the recipe
+#   python ppo.py config/ppo_tasks.py --kl_coef=0 --kl_target=0 --out_dir=out-ppo-nokl  # no KL penalty
+#   python ppo.py --compare=out-ppo,out-ppo-nokl                                        # table and plot
+# What makes a learned reward work at this size (README, PPO section, has the runs that did not):
+#  - no baseline and no push down (critic, whitening, push_down): pushing sampled replies of a 1M-parameter model
+#    down flattens it, whatever the reward; only replies the reward model scores above score_margin (in standard
+#    deviations; its scores are centred, so a positive score means "probably right") are pushed up;
+#  - a KL penalty that matters (kl_coef 0.1, a slow controller): where the reward model cannot tell right from
+#    wrong (count, add) its scores are noise, and the penalty keeps the policy at the supervised model there;
+#  - rollouts at temperature 0.7, nearer the greedy replies that are evaluated.
 init_from = 'out-sft'
 reward_model = 'out-reward'
 out_dir = 'out-ppo'
 reward = 'model'
 prompts = 'tasks'
 
-batch_size = 64
-max_new_tokens = 16
-kl_coef = 0.05
-kl_target = 1.0
-kl_horizon = 500
+temperature = 0.7
+critic = False
+whiten_advantages = False
+push_down = False
+score_margin = 0.5
 
-ppo_epochs = 4
-minibatch_size = 16
+batch_size = 128
+minibatch_size = 32
+ppo_epochs = 2
+max_new_tokens = 16
+kl_coef = 0.1
+kl_target = 1.0
+kl_horizon = 10000
+
 lora_rank = 8
 lora_alpha = 16.0
-learning_rate = 3e-4
-value_learning_rate = 1e-4
+learning_rate = 5e-4
 max_iters = 100
 
 eval_interval = 25

@@ -4,11 +4,13 @@
 # KL penalties ahead of it) and a wrong reply gets only its KL penalties: correct replies are pushed up,
 # wrong ones are not pushed down. On this 1M-parameter model any baseline (a critic, whitening, or a
 # leave-one-out group mean) made most updates push wrong samples down, and greedy accuracy fell.
+# Rollouts at temperature 0.7, as config/ppo_tasks.py samples: the two runs differ in their reward.
 #   python ppo.py config/ppo_tasks_gold.py
 init_from = 'out-sft'
 out_dir = 'out-ppo-gold'
 reward = 'gold'
 prompts = 'tasks'
+temperature = 0.7
 
 critic = False
 whiten_advantages = False

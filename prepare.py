@@ -29,7 +29,7 @@ block_bytes = 1 << 20  # how much text is encoded at a time
 # the chat datasets: python prepare.py tasks; python prepare.py shakespeare_tasks
 n_per_skill = 2000     # task instances per skill, 80/10/10 train/val/test
 vocab_size = 1024      # shakespeare_tasks: size of the BPE trained for it
-task_phrasings = 2     # shakespeare_tasks: each train task appears this many times, each in another phrasing
+task_phrasings = 1     # shakespeare_tasks: each train task appears this many times, each in another phrasing
 seed = 1337
 # preference pairs: python prepare.py prefs --sft_dir=out-sft (the supervised model's replies, gold-labelled)
 sft_dir = 'out-sft'      # the supervised model (its model.pt) whose replies are compared
@@ -247,7 +247,7 @@ def prepare_tasks(data_dir, n_per_skill, seed):
     return suite
 
 
-def prepare_chat_base(data_dir, input, url, vocab_size, seed, phrasings=2):
+def prepare_chat_base(data_dir, input, url, vocab_size, seed, phrasings=1):
     """tinyshakespeare with the task suite's training examples mixed in as plain text ("prompt\\nanswer"), each
     in `phrasings` of its skill's templates, tokenized by a BPE trained on it with the chat tokens registered:
     the corpus of a base model that knows some of the skills but has never seen a chat."""

@@ -190,7 +190,7 @@ def test_every_profile_passes_only_settings_its_scripts_have():
 
 
 # -----------------------------------------------------------------------------
-# the recipe itself: python pipeline.py, as README runs it (about 15 minutes on 2 cores)
+# the recipe itself: python pipeline.py, as README runs it (about 27 minutes on 2 cores)
 
 @pytest.fixture(scope='module')
 def cpu_run(tmp_path_factory):
@@ -215,6 +215,9 @@ def test_the_recipe_each_stage_beats_the_one_before(cpu_run):
     # the paired test agrees with the ordering: more prompts fixed than broken
     for name in ('DPO', 'PPO', 'PPO-gold'):
         assert card['paired_vs_sft'][name]['fixed'] > card['paired_vs_sft'][name]['broken'], name
+    # and the val prompts, where the configs were chosen, agree with the test prompts
+    val = {name: a['all'] for name, a in card['val_accuracy'].items()}
+    assert val['base'] < val['SFT'] < min(val['DPO'], val['PPO'], val['PPO-gold']), val
     # over-optimization: without the KL penalty PPO drifts further and its proxy score climbs past the
     # penalised run's
     assert card['ppo_nokl']['kl'] > card['ppo']['kl']

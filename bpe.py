@@ -701,7 +701,9 @@ if __name__ == "__main__":
     bench = False                 # instead of training: time training and encoding
     gpt2_dir = ""                 # for --bench: a folder with GPT-2's vocab.bpe and encoder.json ("": download them)
     from configurator import apply_config
+    from common import check_settings
     apply_config(globals())
+    check_settings(globals(), positive=('vocab_size',), fractions=('val_fraction',))
     try:
         if bench:
             bench_cli(input, gpt2_dir)

@@ -65,6 +65,8 @@ def bad_checkpoints(tmp_path_factory, char_ckpt):
     ('zero samples, bench.py', ['bench.py', '--repeats=0'], 'repeats must be > 0'),
     ('a bad fraction, prepare.py', ['prepare.py', 'tasks', '--data_dir=BAD/never', '--val_fraction=2'],
      'val_fraction must be in [0, 1)'),
+    ('a bad fraction, bpe.py', ['bpe.py', '--out=BAD/never/tok', '--val_fraction=1.5'], 'val_fraction must be in [0, 1)'),
+    ('no vocabulary, bpe.py', ['bpe.py', '--out=BAD/never/tok', '--vocab_size=0'], 'vocab_size must be > 0'),
 ])
 def test_bad_input_is_one_clear_line(bad_checkpoints, char_data, case, args, message):
     d, marker = bad_checkpoints

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import get_lr, progress, seed_everything, setup_device
-from model import (CheckpointError, apply_lora, clean_state_dict, find_model, load_checkpoint, lora_disabled,
+from model import (CheckpointError, apply_lora, clean_state_dict, start_point, lora_disabled,
                    merged_gpt, model_from_checkpoint, pad_batch, parse_lora_targets, response_logprobs,
                    save_checkpoint)
 from tasks import (SKILLS, chat_ids, encode_preferences, gold_accuracy, preference_batch, preference_splits,
@@ -165,17 +165,10 @@ if __name__ == '__main__':
     except ValueError as e:
         fail(str(e))
     check_out_dir(out_dir)
-    ckpt = None
-    if init_from == 'resume':  # continue the run in out_dir: its ckpt.pt names the supervised model
-        try:
-            ckpt, ckpt_meta = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
-        except CheckpointError as e:
-            fail(f"init_from='resume': {e}")
-        sft_path = ckpt_meta['sft_path']
-    else:
-        sft_path = find_model(init_from)
-        if sft_path is None:
-            fail(f"no model.pt or ckpt.pt in init_from='{init_from}': run finetune_lora.py first")
+    try:
+        ckpt, ckpt_meta, sft_path = start_point(init_from, out_dir)
+    except CheckpointError as e:
+        fail(str(e))
     try:
         train_prefs, val_prefs, report = preference_splits(data, data_dir, val_data, val_fraction, seed)
     except (FileNotFoundError, RuntimeError, ValueError) as e:

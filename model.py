@@ -533,6 +533,25 @@ def find_model(folder):
                  if os.path.exists(os.path.join(folder, n))), None)
 
 
+def start_point(init_from, out_dir):
+    """Where a stage after SFT starts: (ckpt, meta, sft_path). init_from='resume': out_dir/ckpt.pt and the
+    supervised model its metadata names (the reference: it must still exist); else no checkpoint and
+    init_from's model. A CheckpointError says what is missing in one line."""
+    if init_from != 'resume':
+        sft_path = find_model(init_from)
+        if sft_path is None:
+            raise CheckpointError(f"no model.pt or ckpt.pt in init_from='{init_from}': run finetune_lora.py first")
+        return None, {}, sft_path
+    try:
+        ckpt, meta = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    except CheckpointError as e:
+        raise CheckpointError(f"init_from='resume': {e}") from None
+    sft_path = meta.get('sft_path')
+    if not sft_path or not os.path.exists(sft_path):
+        raise CheckpointError(f"the supervised model {sft_path} this run started from is gone: it is the reference")
+    return ckpt, meta, sft_path
+
+
 # -----------------------------------------------------------------------------
 # LoRA (Hu et al. 2021): instead of updating a frozen weight W (out x in), learn a low-rank change
 # B @ A with A (r x in) and B (out x r), scaled by alpha / r. B starts at zero, so at step 0 the model

@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import progress, seed_everything, setup_device
-from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict, find_model, load_checkpoint,
+from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict, start_point,
                    lora_disabled, merged_gpt, model_from_checkpoint, pad_batch, parse_lora_targets, save_checkpoint)
 from tasks import chat_ids, check_answer, gold_accuracy, render_prompt
 from tokenizer import load_tokenizer
@@ -376,21 +376,12 @@ if __name__ == '__main__':
         fail(str(e))
     check_out_dir(out_dir)
     resume = init_from == 'resume'
-    ckpt = None
-    if resume:
-        try:
-            ckpt, ckpt_meta = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
-        except CheckpointError as e:
-            fail(f"init_from='resume': {e}")
-        if critic and 'value_model' not in ckpt:
-            fail(f"{os.path.join(out_dir, 'ckpt.pt')} was trained with --critic=False: resume it so")
-        sft_path = ckpt_meta['sft_path']
-        if not os.path.exists(sft_path):
-            fail(f"the supervised model {sft_path} this run started from is gone: it is the reference")
-    else:
-        sft_path = find_model(init_from)
-        if sft_path is None:
-            fail(f"no model.pt or ckpt.pt in init_from='{init_from}': run finetune_lora.py first")
+    try:
+        ckpt, ckpt_meta, sft_path = start_point(init_from, out_dir)
+    except CheckpointError as e:
+        fail(str(e))
+    if resume and critic and 'value_model' not in ckpt:
+        fail(f"{os.path.join(out_dir, 'ckpt.pt')} was trained with --critic=False: resume it so")
     rm_path = None
     if reward == 'model':
         rm_path = os.path.join(reward_model, 'reward.pt') if os.path.isdir(reward_model) else reward_model

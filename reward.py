@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import get_lr, progress, seed_everything, setup_device
-from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict, find_model, load_checkpoint,
+from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict, load_checkpoint, start_point,
                    merge_lora, model_from_checkpoint, pad_batch, parse_lora_targets, save_checkpoint)
 from tasks import (SKILLS, chat_ids, check_answer, encode_preferences, preference_batch, preference_splits,
                    render_prompt, sample_replies)
@@ -219,17 +219,10 @@ if __name__ == '__main__':
     except ValueError as e:
         fail(str(e))
     check_out_dir(out_dir)
-    ckpt = None
-    if init_from == 'resume':
-        try:
-            ckpt, ckpt_meta = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
-        except CheckpointError as e:
-            fail(f"init_from='resume': {e}")
-        sft_path = ckpt_meta['sft_path']
-    else:
-        sft_path = find_model(init_from)
-        if sft_path is None:
-            fail(f"no model.pt or ckpt.pt in init_from='{init_from}': run finetune_lora.py first")
+    try:
+        ckpt, ckpt_meta, sft_path = start_point(init_from, out_dir)
+    except CheckpointError as e:
+        fail(str(e))
     try:
         train_prefs, val_prefs, report = preference_splits(data, data_dir, val_data, val_fraction, seed)
     except (FileNotFoundError, RuntimeError, ValueError) as e:

@@ -207,3 +207,25 @@ def test_prepare_prefs_cli(tmp_path, tok_meta):
     for split in ('train', 'val'):
         assert meta['stats'][split]['all']['prompts'] == 5 and meta['stats'][split]['all']['replies'] == 10
         assert (tmp_path / 'prefs' / f'{split}.jsonl').exists()
+
+
+def test_best_of_n_equals_the_average_over_every_subset():
+    """The closed form (the best of a random n is the i-th lowest with probability C(i-1, n-1) / C(N, n))
+    against the slow definition: average, over every n-subset of the N replies, the reply with the top score."""
+    import itertools
+    from reward import best_of_n
+    rng = random.Random(0)
+    tasks = [{'skill': 'copy', 'prompt': f'Copy: {w}', 'answer': w} for w in ('a b', 'c d e', 'f')]
+    replies = [[t['answer'] if rng.random() < 0.4 else 'wrong' for _ in range(6)] for t in tasks]
+    rewards = [[rng.gauss(0, 1) for _ in range(6)] for _ in tasks]
+    for row in best_of_n(tasks, replies, rewards, [1, 2, 3, 6]):
+        n, acc, score_sum = row['n'], 0.0, 0.0
+        for task, rs, sc in zip(tasks, replies, rewards):
+            subsets = list(itertools.combinations(range(6), n))
+            for sub in subsets:
+                j = max(sub, key=lambda k: sc[k])
+                acc += T.check_answer(task, rs[j]) / len(subsets)
+                score_sum += sc[j] / len(subsets)
+        assert row['gold_accuracy'] == pytest.approx(acc / len(tasks))
+        assert row['score'] == pytest.approx(score_sum / len(tasks))
+        assert row['kl'] == pytest.approx(math.log(n) - (n - 1) / n)

@@ -287,3 +287,16 @@ def test_sample_replies_greedy_matches_generate(tokenizer):
         row = m.generate([ids], 8, temperature=0, stop_token=end, vocab_limit=tokenizer.n_vocab)[0]
         flagged = T.sample_replies(m, tokenizer, [p], k=2, temperature=0, max_new_tokens=8, return_finished=True)
         assert flagged == [[(alone, len(row) < 8)] * 2]  # finished: it emitted <|end|> within 8 tokens
+
+
+@pytest.mark.parametrize('fixed, broken', [(0, 0), (3, 0), (5, 5), (7, 2), (1, 12), (30, 18)])
+def test_mcnemar_matches_the_binomial_tail_enumerated(fixed, broken):
+    """McNemar's exact p against the definition: under no difference each discordant prompt is a fair coin;
+    p is the probability, over every outcome of n coins, of a split at least as uneven as the one seen."""
+    a = [True] * broken + [False] * fixed + [True, False, True]  # + some concordant prompts (ignored)
+    b = [False] * broken + [True] * fixed + [True, False, True]
+    n = fixed + broken
+    p_slow = sum(math.comb(n, k) for k in range(n + 1) if abs(k - n / 2) >= abs(fixed - n / 2)) / 2 ** n
+    got_fixed, got_broken, p = T.mcnemar(a, b)
+    assert (got_fixed, got_broken) == (fixed, broken)
+    assert p == pytest.approx(min(1.0, p_slow), rel=1e-12)

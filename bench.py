@@ -5,6 +5,7 @@ context) for any model size, on synthetic or real data. Prints one summary table
     python bench.py                                          # GPT-2 124M shape, synthetic data
     python bench.py config/shakespeare_cpu.py --device=cpu   # the CPU quickstart model
     python bench.py --real_data=True --dataset=shakespeare_char
+    python bench.py config/chat_base.py --device=cpu --vocab_size=1028 --dtype=bfloat16   # or --compile=True
 
 Timings exclude warmup steps (compilation, allocator growth); each figure is the median of `repeats`
 timed runs, with the device synchronized before reading the clock.
@@ -34,7 +35,7 @@ dataset = 'shakespeare_char'
 data_dir = 'data'
 device = 'auto'
 dtype = 'auto'
-compile = True             # torch.compile (CUDA only)
+compile = None             # torch.compile: None on CUDA only; True / False to say (on CPU it needs a C++ compiler)
 warmup = 5                 # untimed training steps
 steps = 20                 # timed training steps per repeat
 repeats = 3
@@ -64,6 +65,7 @@ if dtype == 'auto':
     dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+use_compile = device_type == 'cuda' if compile is None else compile
 torch.backends.cuda.matmul.allow_tf32 = True
 
 
@@ -94,7 +96,7 @@ def get_batch(rng):
 model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
                       n_embd=n_embd, dropout=dropout, bias=bias, pos_emb=pos_emb)).to(device)
 optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
-train_model = torch.compile(model) if compile and device_type == 'cuda' else model
+train_model = torch.compile(model) if use_compile else model
 rng = np.random.default_rng(seed)
 
 # training: forward, backward, clip, AdamW step
@@ -135,7 +137,7 @@ for use_cache in (True, False):
     sample_rates[use_cache] = sample_batch * n_new / statistics.median(runs)
 
 name = torch.cuda.get_device_name() if device_type == 'cuda' else f'cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)'
-print(f"\n{name}, {dtype}, compile={compile and device_type == 'cuda'}, {model.get_num_params() / 1e6:.2f}M parameters")
+print(f"\n{name}, {dtype}, compile={use_compile}, {model.get_num_params() / 1e6:.2f}M parameters")
 print("| what | result |\n|---|---|")
 print(f"| training, batch {batch_size} x {block_size} | {dt * 1000:.1f} ms/iter, {tok_s:,.0f} tokens/s"
       + (f", MFU {mfu * 100:.1f}%" if mfu is not None else "") + " |")

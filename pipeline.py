@@ -69,7 +69,9 @@ PROFILES = {
         reward=[],
         dpo=['--eval_test=False'],  # the report evaluates every model on the test split
         ppo=['--eval_test=False'],
-        ppo_nokl=['--eval_test=False', '--max_iters=60', '--eval_interval=10'],
+        # no KL penalty, for the over-optimization plot: 60 iterations of 128 rollouts (half the recipe's batch, half the time)
+        ppo_nokl=['--eval_test=False', '--max_iters=60', '--eval_interval=10', '--batch_size=128',
+                  '--minibatch_size=32'],
         ppo_gold=['--eval_test=False'],
     ),
     'gpu': dict(

@@ -1,7 +1,7 @@
 # A small base model for the chat stages, pretrained offline on tinyshakespeare with the task suite's
 # training examples mixed in as plain text, using a 1024-token BPE (with chat tokens) trained by bpe.py:
 #   python train.py config/chat_base.py        (prepares data/shakespeare_tasks first if missing)
-# CPU: about 9 minutes on 2 cores. Then: python finetune_lora.py config/sft_tasks.py
+# CPU: about 6 minutes on 2 AVX-512 cores (10 on AVX2 ones). Then: python finetune_lora.py config/sft_tasks.py
 # The skills appear late in pretraining: SFT from 1,000 iterations reached 21% gold accuracy and from 1,500
 # iterations 44%. Each task in two phrasings (prepare.py --task_phrasings=2) gets 45% from 1,000 iterations,
 # but DPO and PPO gained less from that base on val (README), so the recipe keeps one phrasing and 1,500.

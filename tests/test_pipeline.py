@@ -190,7 +190,7 @@ def test_every_profile_passes_only_settings_its_scripts_have():
 
 
 # -----------------------------------------------------------------------------
-# the recipe itself: python pipeline.py, as README runs it (about 31 minutes on 2 cores)
+# the recipe itself: python pipeline.py, as README runs it (about 13.5 minutes on 2 cores)
 
 @pytest.fixture(scope='module')
 def cpu_run(tmp_path_factory):

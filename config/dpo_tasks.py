@@ -7,7 +7,7 @@
 # the reference (KL of several nats), the likelihood of the chosen replies falls along with the rejected ones, it
 # stops emitting <|end|> and gold accuracy collapses. beta=2 keeps it near the supervised model. 300 iterations
 # of 32 pairs is two thirds of a pass over the ~15,000 pairs of prepare.py prefs: 600 gained more (+8.7 val against
-# +5.8) but cost the 45 s that the whole recipe needed to fit 15 minutes on 2 cores (README, "Fitting 15 minutes").
+# +5.8) but cost the 48 s that the whole recipe needed to fit 15 minutes on 2 cores (README, "Fitting 15 minutes").
 init_from = 'out-sft'
 out_dir = 'out-dpo'
 data = 'prefs'

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import model as M
-from conftest import ROOT, SHAKESPEARE, run, script_env, train_args
+from conftest import ROOT, SHAKESPEARE, per_iter, read_metrics, run, script_env, train_args
 from test_dpo import toy_prefs, write_jsonl, write_sft
 from test_ppo import make_toy
 
@@ -114,9 +114,17 @@ def test_ppo_resumes_exactly(tmp_path, tok_meta, tokenizer, critic):
 
 
 def test_train_resumes_exactly_after_random_kills(char_data, tmp_path):
+    """Over the kills and resumes the run logs exactly the losses of the same run left alone, iteration by
+    iteration (with dropout and gradient accumulation: every micro-batch and mask is drawn from its own seed),
+    and ends with exactly its weights."""
     args = train_args(char_data, tmp_path / 'a', '--max_iters=120', '--eval_interval=10', '--dropout=0.1',
-                      '--always_save_checkpoint=True')
+                      '--gradient_accumulation_steps=2', '--always_save_checkpoint=True')
     run(args)
     b = [a.replace(str(tmp_path / 'a'), str(tmp_path / 'b')) for a in args]
     assert kill_and_resume(b, tmp_path / 'b') > 0
     assert_same_weights(weights(tmp_path / 'a' / 'ckpt.pt'), weights(tmp_path / 'b' / 'ckpt.pt'))
+    logs_a, logs_b = read_metrics(tmp_path / 'a'), read_metrics(tmp_path / 'b')
+    assert sum('loss' in r for r in logs_b) > 120  # some iterations really were run twice
+    for key in ('loss', 'lr', 'val_loss', 'train_loss'):
+        assert per_iter(logs_a, key) == per_iter(logs_b, key), key  # exactly equal, not just close
+    assert len(per_iter(logs_a, 'loss')) == 120

@@ -1,21 +1,16 @@
 """train.py against references: the loss at initialisation (ln of the vocabulary), the whole-val loss
-recomputed slowly from the checkpoint, the learning-rate schedule written out, an uninterrupted run (for a
-killed and resumed one), one process (for two DDP processes); and runs that must stop with one clear line."""
-import json
+recomputed slowly from the checkpoint, the learning-rate schedule written out, one process (for two DDP
+processes; the killed-and-resumed run is in test_resume.py); and runs that must stop with one clear line."""
 import math
 import shutil
-import signal
 import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import HF_TINY, ROOT, SHAKESPEARE, error_line, per_iter, read_metrics, run, script_env, train_args
+from conftest import HF_TINY, SHAKESPEARE, error_line, per_iter, read_metrics, run, train_args
 from model import model_from_checkpoint
 
 
@@ -73,48 +68,6 @@ def test_short_run_lowers_val_loss(char_data, tmp_path):
         done = r['iter'] + 1  # and where the run is: iterations done of max_iters, and the time left
         assert line.split('; ')[-1].startswith(f"{done}/40 ({100 * done / 40:.0f}%), eta ")
         assert close(r['tokens_per_s'] * r['ms_per_iter'] / 1000, 8 * 32, 1e-9)  # batch x block tokens per iter
-
-
-def test_killed_run_resumes_exactly(char_data, tmp_path):
-    """A run killed with SIGKILL and resumed logs exactly the losses of the same run left alone."""
-    args = ['--max_iters=40', '--eval_interval=10', '--dropout=0.1', '--gradient_accumulation_steps=4',
-            '--always_save_checkpoint=True']
-    run(train_args(char_data, tmp_path / 'a', *args))
-    a = read_metrics(tmp_path / 'a')
-
-    b_dir = tmp_path / 'b'
-    proc = subprocess.Popen([sys.executable, *train_args(char_data, b_dir, *args)], cwd=ROOT, env=script_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        killed_after = -1
-        while time.time() < deadline and proc.poll() is None:
-            logged = logged_iters(b_dir / 'metrics.jsonl')
-            if logged and max(logged) >= 15:  # past the checkpoint of iteration 10
-                proc.send_signal(signal.SIGKILL)
-                killed_after = max(logged)
-                break
-            time.sleep(0.01)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL and 15 <= killed_after < 39, "the run was not killed mid-way"
-    run(train_args(char_data, b_dir, *args, '--init_from=resume'))
-    b = read_metrics(b_dir)
-
-    assert sum('loss' in r for r in b) > 40  # some iterations really were run twice
-    for key in ('loss', 'lr', 'val_loss', 'train_loss'):
-        assert per_iter(a, key) == per_iter(b, key), key  # exactly equal, not just close
-    assert len(per_iter(a, 'loss')) == 40
-
-
-def logged_iters(path):
-    """The iterations with a training loss in a metrics.jsonl that is being written (its last line may
-    be incomplete)."""
-    if not path.exists():
-        return []
-    lines = path.read_text().split('\n')[:-1]  # only the lines that are complete
-    return [r['iter'] for r in map(json.loads, lines) if 'loss' in r]
 
 
 def test_two_ddp_processes_match_one(char_data, tmp_path):

@@ -1,0 +1,43 @@
+"""The recipe's claims: python pipeline.py, the full cpu profile as README runs it (about 14 minutes on 2 cores),
+and its report card's ordering on the test and val prompts. The slow tier: python -m pytest -m recipe."""
+import json
+import math
+
+import pytest
+
+from conftest import SHAKESPEARE, run
+
+pytestmark = pytest.mark.recipe
+
+
+@pytest.fixture(scope='module')
+def cpu_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp('cpu')
+    # two threads, as README's command runs: the stages run one at a time
+    run(['pipeline.py', '--profile=cpu', f'--input={SHAKESPEARE}', f'--out_dir={run_dir}'], timeout=3000,
+        env={'OMP_NUM_THREADS': '2'})
+    return run_dir, json.loads((run_dir / 'report.json').read_text())
+
+
+def test_the_recipe_each_stage_beats_the_one_before(cpu_run):
+    """The recipe's claims on the cpu profile, from the report's own evaluation of every model on the same
+    1,000 held-out test prompts: base < SFT < DPO, SFT < PPO (reward model, KL penalty, at a KL no larger than
+    its target), SFT < PPO-gold, and the reward model well above chance on held-out pairs."""
+    _, card = cpu_run
+    acc = {name: a['all'] for name, a in card['accuracy'].items()}
+    assert card['n_test'] == 1000 and card['profile'] == 'cpu' and not card['smoke']
+    assert card['tokenizer']['bytes_per_token'] > 1.5
+    assert card['pretrain']['val_loss'] < 0.7 * math.log(card['tokenizer']['vocab_size'])
+    assert acc['base'] < acc['SFT'] < acc['DPO'], acc
+    assert acc['SFT'] < acc['PPO'] and acc['SFT'] < acc['PPO-gold'], acc
+    assert card['ppo']['kl'] <= card['ppo']['kl_target'] * 1.1, card['ppo']  # near its target, not past it
+    assert card['reward']['pair_accuracy'] > 0.7, card['reward']
+    # the paired test agrees with the ordering: more prompts fixed than broken
+    for name in ('DPO', 'PPO', 'PPO-gold'):
+        assert card['paired_vs_sft'][name]['fixed'] > card['paired_vs_sft'][name]['broken'], name
+    # and the val prompts, where the configs were chosen, agree with the test prompts
+    val = {name: a['all'] for name, a in card['val_accuracy'].items()}
+    assert val['base'] < val['SFT'] < min(val['DPO'], val['PPO'], val['PPO-gold']), val
+    # over-optimization: without the KL penalty PPO drifts further and its proxy score climbs past the
+    # penalised run's
+    assert card['ppo_nokl']['kl'] > card['ppo']['kl']

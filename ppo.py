@@ -10,7 +10,7 @@ RLHF with PPO (Schulman et al. 2017) and a KL penalty, as in Ziegler et al. 2019
      model was trained on. Summed over a reply it is -beta times an estimate of KL(pi || ref);
   3. advantages: a value model predicts the return from each position, GAE (gamma, lambda) turns rewards
      and values into advantages, which are whitened (critic = False: no value model, the advantage is
-     the reward-to-go itself, REINFORCE-style; see the README for when that worked better);
+     the reward-to-go itself, REINFORCE-style; docs/experiments.md has when that worked better);
   4. PPO: several epochs of minibatches over the rollouts, each step the clipped surrogate objective for the
      policy and a clipped regression for the value model, with gradient clipping.
 
@@ -57,7 +57,6 @@ from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict
                    lora_disabled, merged_gpt, model_from_checkpoint, pad_batch, parse_lora_targets, save_checkpoint)
 from tasks import chat_ids, check_answer, gold_accuracy, render_prompt
 from tokenizer import load_tokenizer
-from plots import compare_runs
 from reward import RewardModel, load_reward_model, score_ids
 
 # -----------------------------------------------------------------------------
@@ -346,6 +345,7 @@ if __name__ == '__main__':
     config = apply_config(globals())
 
     if compare:
+        from plots import compare_runs  # matplotlib: imported only when used
         try:
             table = compare_runs([d for d in compare.split(',') if d], compare_plot)
         except (OSError, ValueError, KeyError) as e:

@@ -46,7 +46,8 @@ def char_data(tmp_path_factory):
 TINY_TRAIN = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8',
               '--gradient_accumulation_steps=1', '--dropout=0.0', '--bias=True', '--device=cpu', '--compile=False',
               '--eval_iters=4', '--log_interval=1', '--learning_rate=3e-3', '--warmup_iters=5',
-              '--lr_decay_iters=100', '--min_lr=3e-4', '--eval_full_at_end=False']
+              '--lr_decay_iters=100', '--min_lr=3e-4', '--eval_full_at_end=False',
+              '--plot=False']  # loss.png at every evaluation costs more than these runs' training (drawn in test_train)
 
 
 def train_args(data_dir, out_dir, *extra, dataset='shakespeare_char'):

@@ -122,12 +122,18 @@ def test_a_run_killed_mid_stage_finishes_with_the_same_report_and_weights(smoke_
     run_dir, _, _ = smoke_run
     out = tmp_path / 'killed'
     rng = random.Random(1)
+    # each kill lands a random moment after a stage has started, four stages picked at random up to ppo: timed
+    # by the run's own progress, not the clock, so that on a fast machine too the kills land mid-run
+    targets = sorted(rng.sample(['pretrain', 'sft', 'prefs', 'reward', 'dpo', 'ppo'], 4), key=list(STAGE_DIRS).index)
     finished = {}  # stage -> mtimes of its files when it was first seen done
-    for attempt in range(4):
+    for target in targets:
         proc = subprocess.Popen([sys.executable, *pipeline_args(out, input=small_text)], cwd=ROOT,
                                 env=script_env({'OMP_NUM_THREADS': '2'}), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(rng.uniform(3, 12))
+        deadline = time.time() + 300
+        while not (out / 'logs' / f'{target}.log').exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 1.5))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         for stage, folder in STAGE_DIRS.items():

@@ -177,3 +177,4 @@ def test_first_run_offline_names_the_command_then_the_cpu_config_works(tmp_path)
     assert sorted(val) == [0, 50] and list(full) == [50]
     assert abs(val[0] - math.log(65)) < 0.05 and full[50] < val[0] - 1.0
     assert (out / 'ckpt.pt').exists()
+    assert (out / 'loss.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'  # plot=True, the default

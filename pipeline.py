@@ -1,7 +1,7 @@
 """
 From zero to chat in one command: every stage of the recipe in order, then a report card.
 
-    python pipeline.py                          # profile 'cpu': about 13.5 minutes on 2 cores
+    python pipeline.py                          # profile 'cpu': about 14 minutes on 2 AVX-512 cores
     python pipeline.py --profile=gpu            # one GPU: a bigger model, more steps
     python pipeline.py --input=input.txt        # offline: a local copy of tinyshakespeare
     python pipeline.py --force=dpo              # run dpo again, and every stage after it
@@ -44,7 +44,7 @@ from common import check_settings, duration, fail, write_text_atomic
 from plots import curves_png, overoptimization_png, read_jsonl, read_run
 
 # -----------------------------------------------------------------------------
-profile = 'cpu'        # 'cpu' (2 CPU cores, about 13.5 minutes) or 'gpu' (one GPU, a bigger model)
+profile = 'cpu'        # 'cpu' (2 CPU cores, about 14 minutes) or 'gpu' (one GPU, a bigger model)
 out_dir = ''           # default: runs/<profile>
 input = ''             # a local copy of tinyshakespeare (else it is downloaded)
 force = ''             # a stage name: run it and every later stage again; 'all': everything
@@ -57,7 +57,7 @@ seed = 1337
 STAGES = ('data', 'pretrain', 'sft', 'prefs', 'reward', 'dpo', 'ppo', 'ppo_nokl', 'ppo_gold', 'report')
 
 # Each profile: arguments added to a stage's command, after its config file and the paths the pipeline
-# sets itself. 'cpu' is the shipped configs as they are, about 13.5 minutes on 2 AVX-512 cores (README's
+# sets itself. 'cpu' is the shipped configs as they are, about 14 minutes on 2 AVX-512 cores (README's
 # card; the target is 15); 'gpu' is a 6-layer, 384-wide model trained longer (not measured yet: no GPU was lent
 # to the sessions that wrote it).
 PROFILES = {

@@ -1,6 +1,6 @@
 """A user's mistakes, across the scripts: each gets one line naming what is wrong, a non-zero exit, no traceback
 and nothing written; a checkpoint holding code is refused without running it and without suggesting
-weights_only=False. (README's "What happens when things go wrong" table lists these.)"""
+weights_only=False. (README's "When things go wrong" table lists some.)"""
 import os
 
 import pytest

@@ -147,7 +147,7 @@ def test_adapter_save_load_round_trip(tmp_path):
 
 @pytest.fixture(scope='module')
 def chat_base(tmp_path_factory):
-    """data_dir with the task suite and a tiny base model pretrained on it (about a minute on 2 cores)."""
+    """data_dir with the task suite and a tiny base model pretrained on it (about half a minute on 2 cores)."""
     d = tmp_path_factory.mktemp('chat')
     (d / 'small.txt').write_text(SHAKESPEARE.read_text()[:100_000])
     run(['prepare.py', 'tasks', f'--data_dir={d}', '--n_per_skill=400'])
@@ -155,7 +155,8 @@ def chat_base(tmp_path_factory):
     run(['train.py', '--dataset=shakespeare_tasks', f'--data_dir={d}', f'--out_dir={d / "base"}', '--n_layer=2',
          '--n_head=4', '--n_embd=64', '--block_size=64', '--batch_size=32', '--gradient_accumulation_steps=1',
          '--max_iters=1000', '--lr_decay_iters=1000', '--warmup_iters=20', '--learning_rate=3e-3', '--min_lr=3e-4',
-         '--eval_interval=1000', '--eval_iters=5', '--log_interval=500', '--device=cpu', '--compile=False'])
+         '--eval_interval=1000', '--eval_iters=5', '--log_interval=500', '--device=cpu', '--compile=False'],
+        env={'OMP_NUM_THREADS': '2'})  # the one test model big enough for a second thread to pay (1.4x)
     return d
 
 

@@ -70,10 +70,12 @@ prompts = 'tasks'            # 'tasks': data_dir/tasks/train.jsonl; or a JSONL f
 data_dir = 'data'
 # rollouts
 batch_size = 64              # rollouts (replies) per iteration, per process
-group_size = 1               # replies per prompt. > 1: each reply's score minus the mean score of the other
-                             # replies to its prompt (a leave-one-out baseline, as RLOO does; GRPO is similar):
-                             # a prompt whose replies all score the same then teaches nothing, instead of
-                             # pushing all of its (say, all wrong) replies down
+group_size = 1               # replies per prompt. > 1: each reply's score relative to the other replies to its
+                             # prompt (group_advantages): a prompt whose replies all score the same then teaches
+                             # nothing, instead of pushing all of its (say, all wrong) replies down
+group_baseline = 'leave_one_out'  # 'leave_one_out': minus the mean of the others (RLOO); 'mean': minus the
+                             # group's mean (GRPO, Dr. GRPO)
+group_std = False            # True: divided by the group's std as well (GRPO; TRL's scale_rewards)
 push_down = True             # False: a negative score (after the baseline) becomes 0, so only the replies that
                              # beat their baseline are pushed up and none is pushed down (see config/ppo_tasks.py)
 score_margin = 0.0           # subtracted from every score before that: with push_down = False, a reply must beat its
@@ -153,6 +155,20 @@ def leave_one_out(scores, group_size):
     unbiased; it removes what the prompt alone explains (easy or hopeless)."""
     g = scores.view(-1, group_size)
     return (g - (g.sum(1, keepdim=True) - g) / (group_size - 1)).view(-1)
+
+
+def group_advantages(scores, group_size, baseline='leave_one_out', scale_by_std=False, eps=1e-4):
+    """Group-relative scores, for consecutive runs of group_size replies to the same prompt:
+        'leave_one_out' (RLOO, Ahmadian et al. 2024):  s_i - mean_{j != i} s_j  =  k / (k - 1) (s_i - mean_j s_j)
+        'mean' (GRPO, Shao et al. 2024; Dr. GRPO):     s_i - mean_j s_j
+    and with scale_by_std, divided by the group's (sample) std + eps, as GRPO does. The baselines differ only in
+    scale (RLOO's leaves the gradient unbiased); the std makes a nearly-all-right group as loud as a half-right one."""
+    g = scores.view(-1, group_size)
+    centred = leave_one_out(scores, group_size).view(-1, group_size) if baseline == 'leave_one_out' \
+        else g - g.mean(1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (g.std(1, keepdim=True) + eps)
+    return centred.view(-1)
 
 
 def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
@@ -361,7 +377,7 @@ if __name__ == '__main__':
                    non_negative=('kl_coef', 'kl_target', 'ent_coef', 'score_margin', 'value_learning_rate',
                                  'max_iters', 'weight_decay', 'grad_clip', 'eval_tasks'),
                    fractions=('lora_dropout', 'beta1', 'beta2', 'clip_range'),
-                   choices={'reward': ('model', 'gold')})
+                   choices={'reward': ('model', 'gold'), 'group_baseline': ('leave_one_out', 'mean')})
     if kl_target > 0 and kl_coef == 0:
         fail("the adaptive controller multiplies beta: with kl_target > 0 start from kl_coef > 0")
     if batch_size % minibatch_size:
@@ -625,9 +641,9 @@ if __name__ == '__main__':
         idx, mask = ro['idx'], ro['mask'].float()
         texts, gold, rm_scores = score_rollouts(batch_prompts, ro)
         scores = rm_scores if reward == 'model' else torch.tensor([float(g) for g in gold], device=device)
-        raw_scores = scores  # logged; the reward is the centred score when group_size > 1
+        raw_scores = scores  # logged; the reward is the group-relative score when group_size > 1
         if group_size > 1:
-            scores = leave_one_out(scores, group_size)
+            scores = group_advantages(scores, group_size, group_baseline, group_std)
         if not push_down:
             scores = (scores - score_margin).clamp(min=0)
 

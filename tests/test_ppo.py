@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import random
+import statistics
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import tasks as T
 import tokenizer as TK
 from conftest import error_line, read_metrics, run
 from plots import compare_runs
-from ppo import (KLController, ValueModel, explained_variance, gae, kl_penalty, leave_one_out,
+from ppo import (KLController, ValueModel, explained_variance, gae, group_advantages, kl_penalty, leave_one_out,
                  logprobs_and_entropy, masked_mean, masked_whiten, policy_loss, reference_logprobs, rollout,
                  token_rewards, value_loss)
 from test_dpo import tiny_gpt, write_jsonl
@@ -410,6 +411,72 @@ def test_leave_one_out_baseline_against_a_loop():
         expected.append(s - sum(others) / len(others))
     assert torch.allclose(leave_one_out(scores, k), torch.tensor(expected))
     assert leave_one_out(scores, k)[4:8].abs().max() == 0  # all replies alike: no signal from that prompt
+
+
+@pytest.mark.parametrize('baseline', ['leave_one_out', 'mean'])
+@pytest.mark.parametrize('scale_by_std', [False, True])
+def test_group_advantages_against_a_loop(baseline, scale_by_std):
+    """Written out per group with the statistics module: RLOO's leave-one-out or GRPO's mean, then GRPO's std."""
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5, 2.0, -1.0, 3.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    k, expected = 4, []
+    for start in range(0, len(scores), k):
+        group = scores[start:start + k].tolist()
+        for i, s in enumerate(group):
+            others = group[:i] + group[i + 1:]
+            a = s - (statistics.mean(others) if baseline == 'leave_one_out' else statistics.mean(group))
+            expected.append(a / (statistics.stdev(group) + 1e-4) if scale_by_std else a)
+    got = group_advantages(scores, k, baseline, scale_by_std)
+    assert torch.allclose(got, torch.tensor(expected), atol=1e-6)
+    assert got[4:8].abs().max() == 0  # all replies alike: no signal from that prompt, with or without the std
+
+
+def group_policy_step(scores, lr=0.1):
+    """One prompt answered four ways, each reply scored; the group-relative advantages (GRPO: mean and std)
+    through the critic-free path (no KL: every reply token's advantage is its reply's), PPO's loss at ratio 1, one
+    SGD step. Returns the policy's gradients and each reply's log-probability before and after the step."""
+    torch.manual_seed(0)
+    policy = M.GPT(M.GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0))
+    idx = torch.tensor([[1, 2, 3, r, 9, 15] for r in (4, 5, 6, 7)])
+    mask = torch.zeros(4, 5)
+    mask[:, 2:] = 1  # the actions: the reply tokens after the prompt [1, 2, 3]
+    lp, _ = logprobs_and_entropy(policy, idx)
+    adv, _ = gae(token_rewards(group_advantages(scores, 4, 'mean', True), lp.detach(), lp.detach(), mask, 0.0),
+                 torch.zeros_like(lp), mask, 1.0, 1.0)
+    loss, _, _ = policy_loss(lp, lp.detach(), adv, mask, 0.2)
+    loss.backward()
+    grads = [p.grad.clone() for p in policy.parameters()]
+    with torch.no_grad():
+        for p in policy.parameters():
+            p -= lr * p.grad
+    after, _ = logprobs_and_entropy(policy, idx)
+    return grads, (lp * mask).sum(1).detach(), (after * mask).sum(1).detach()
+
+
+def test_group_gradient_raises_the_replies_above_their_group_and_lowers_those_below():
+    _, before, after = group_policy_step(torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    assert after[0] > before[0] and after[2] > before[2]  # right: above the group's mean
+    assert after[1] < before[1] and after[3] < before[3]  # wrong: below it, pushed down
+
+
+def test_a_group_whose_replies_all_score_the_same_gives_no_gradient():
+    for score in (0.0, 1.0):
+        grads, before, after = group_policy_step(torch.full((4,), score))
+        assert all(g.abs().max() == 0 for g in grads) and torch.equal(before, after)
+
+
+def test_ppo_script_learns_the_gold_answer_with_group_relative_advantages(toy):
+    """GRPO on the toy: 8 prompts x 4 replies per iteration, advantages from the group's mean and std, wrong
+    replies pushed down, no critic: the least-liked letter is learned within a dozen iterations."""
+    out = toy / 'out-grpo'
+    run(['ppo.py', f'--init_from={toy / "sft"}', f'--out_dir={out}', f'--data_dir={toy}', '--reward=gold',
+         '--group_size=4', '--group_baseline=mean', '--group_std=True', '--push_down=True', '--critic=False',
+         '--whiten_advantages=False', '--lora_rank=0', '--learning_rate=1e-3', '--max_iters=12', '--kl_coef=0.02',
+         *PPO_TINY])
+    records = read_metrics(out)
+    iters = [r for r in records if 'kl' in r and 'eval' not in r]
+    assert iters[0]['gold_accuracy'] < 0.3 and sum(r['gold_accuracy'] for r in iters[-3:]) / 3 > 0.75
+    assert all(r['value_loss'] is None for r in iters)
+    assert records[-1]['after']['test_accuracy']['all'] == 1.0
 
 
 def test_ppo_script_with_groups_of_replies_per_prompt(toy):

@@ -1,4 +1,4 @@
-"""ppo.py against references: GAE against a loop written from its definition, the clipped objectives and
+"""ppo.py and rl.py against references: GAE against a loop written from its definition, the clipped objectives and
 the value loss against hand-computed numbers, the KL penalty's sign and size (against an exact KL), the
 adaptive controller's formula, rollout log-probs against a fresh forward pass per row, a tiny problem
 where PPO must raise the reward, and the script end to end on a toy task it must learn."""
@@ -16,9 +16,9 @@ import tasks as T
 import tokenizer as TK
 from conftest import error_line, read_metrics, run
 from plots import compare_runs
-from ppo import (KLController, ValueModel, explained_variance, gae, group_advantages, kl_penalty, leave_one_out,
-                 logprobs_and_entropy, masked_mean, masked_whiten, policy_loss, reference_logprobs, rollout,
-                 token_rewards, value_loss)
+from ppo import ValueModel
+from rl import (KLController, explained_variance, gae, group_advantages, kl_penalty, leave_one_out, logprobs_and_entropy,
+                masked_mean, masked_whiten, policy_loss, reference_logprobs, rollout, token_rewards, value_loss)
 from test_dpo import tiny_gpt, write_jsonl
 
 

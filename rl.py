@@ -1,0 +1,176 @@
+"""
+The arithmetic of policy-gradient RL on a language model, shared by ppo.py and its tests: advantages (a
+reply's score relative to its group, GAE), PPO's clipped losses, the KL penalty and its controller, and the
+rollouts (sampled replies with the log-probs of the policy that sampled them).
+
+Tensors are (B, T-1), position t holding the action idx[:, t+1] (a reply token) chosen after seeing
+idx[:, :t+1]; mask is True at the reply's positions (prompt and padding are False).
+"""
+import torch
+import torch.nn.functional as F
+
+from model import lora_disabled, pad_batch
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the masked entries; zero elsewhere."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def kl_penalty(logprobs, ref_logprobs, kl_coef):
+    """The per-token reward -beta * (log pi - log ref): negative where the policy makes a token more likely
+    than the supervised model did. Its expectation over the policy's samples, summed over a reply, is
+    -beta * KL(pi || ref)."""
+    return -kl_coef * (logprobs - ref_logprobs)
+
+
+def leave_one_out(scores, group_size):
+    """Each score minus the mean of the other scores in its group (consecutive runs of group_size replies
+    to the same prompt). The baseline does not depend on the reply itself, so the policy gradient stays
+    unbiased; it removes what the prompt alone explains (easy or hopeless)."""
+    g = scores.view(-1, group_size)
+    return (g - (g.sum(1, keepdim=True) - g) / (group_size - 1)).view(-1)
+
+
+def group_advantages(scores, group_size, baseline='leave_one_out', scale_by_std=False, eps=1e-4):
+    """Group-relative scores, for consecutive runs of group_size replies to the same prompt:
+        'leave_one_out' (RLOO, Ahmadian et al. 2024):  s_i - mean_{j != i} s_j  =  k / (k - 1) (s_i - mean_j s_j)
+        'mean' (GRPO, Shao et al. 2024; Dr. GRPO):     s_i - mean_j s_j
+    and with scale_by_std, divided by the group's (sample) std + eps, as GRPO does. The baselines differ only in
+    scale (RLOO's leaves the gradient unbiased); the std makes a nearly-all-right group as loud as a half-right one."""
+    g = scores.view(-1, group_size)
+    centred = leave_one_out(scores, group_size).view(-1, group_size) if baseline == 'leave_one_out' \
+        else g - g.mean(1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (g.std(1, keepdim=True) + eps)
+    return centred.view(-1)
+
+
+def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+    """Per-token rewards: the KL penalty on every reply token, plus the reply's score on its last token."""
+    rewards = kl_penalty(logprobs, ref_logprobs, kl_coef) * mask
+    last = mask.size(1) - 1 - mask.flip(1).float().argmax(dim=1)  # each row's last True position
+    rewards[torch.arange(mask.size(0), device=mask.device), last] += scores.to(rewards.dtype)
+    return rewards
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation (Schulman et al. 2016) over right-padded rows:
+        delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = sum_k (gamma * lam)^k delta_{t+k},
+    the reply ending after its last token (V = 0 beyond it). Returns (advantages, returns = A + V), zero off
+    the mask. Zeroing rewards and values off the mask makes padding contribute nothing, and prompt positions
+    come before the reply, so they never reach it (the sum only looks ahead)."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    T = rewards.size(1)
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages * mask, (advantages + values) * mask
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
+    """PPO's clipped surrogate, to minimise: mean over reply tokens of max(-A r, -A clip(r, 1-eps, 1+eps)),
+    r = pi_new / pi_old. Once r has moved eps in the direction the advantage favours, the gradient stops:
+    the policy cannot go far from the one that sampled the data in one batch. Also returns the fraction
+    of tokens where the clipped term was chosen and an estimate of KL(old || new), E[(r - 1) - log r]."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    clip_frac = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
+    return loss, clip_frac.detach(), approx_kl.detach()
+
+
+def value_loss(values, old_values, returns, mask, clip_range_value):
+    """0.5 * mean of max((V - R)^2, (V_clipped - R)^2), V_clipped = V_old + clip(V - V_old, -c, c): as for the
+    policy, the value prediction is kept near the one made at rollout time. Also the clipped fraction."""
+    v_clipped = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
+    err, err_clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(err, err_clipped), mask)
+    return loss, masked_mean((err_clipped > err).float(), mask).detach()
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(R - V) / Var(R) over the reply tokens: 1 is a perfect critic, 0 no better than a constant."""
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    var_d = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return (1 - var_d / var_r).item() if var_r > 0 else float('nan')
+
+
+class KLController:
+    """beta for the KL penalty. target = 0: fixed. Otherwise Ziegler et al. 2019's adaptive controller:
+        e = clip(KL / target - 1, -0.2, 0.2),   beta <- beta * (1 + e * n / horizon)
+    after each batch of n rollouts: beta grows while the KL is above target and shrinks while below."""
+
+    def __init__(self, init, target=0.0, horizon=10000):
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl, n_steps):
+        if self.target > 0:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.value *= 1 + error * n_steps / self.horizon
+        return self.value
+
+
+def logprobs_and_entropy(model, idx, vocab_limit=None, temperature=1.0):
+    """log pi(idx[:, t+1] | idx[:, :t+1]) and the entropy of pi(. | idx[:, :t+1]) for every t: (B, T-1) each.
+    vocab_limit: the distribution over the first vocab_limit tokens only, the one sampling draws from;
+    temperature: pi = softmax(logits / temperature), the distribution sampling draws from."""
+    logits = model.lm_head(model.hidden_states(idx[:, :-1])).float() / temperature
+    if vocab_limit is not None:
+        logits = logits[..., :vocab_limit]
+    logp_all = F.log_softmax(logits, dim=-1)
+    logprobs = torch.gather(logp_all, 2, idx[:, 1:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+    return logprobs, entropy
+
+
+@torch.no_grad()
+def reference_logprobs(policy, ref_model, idx, vocab_limit=None, temperature=1.0):
+    """Log-probs under the frozen supervised model (at the same temperature as the policy): ref_model if there
+    is one (full training), else the policy with its LoRA adapters switched off."""
+    if ref_model is not None:
+        return logprobs_and_entropy(ref_model, idx, vocab_limit, temperature)[0]
+    with lora_disabled(policy):
+        return logprobs_and_entropy(policy, idx, vocab_limit, temperature)[0]
+
+
+@torch.no_grad()
+def rollout(policy, prompts, max_new_tokens, end_token, generator=None, vocab_limit=None, temperature=1.0):
+    """One reply per prompt (lists of token ids) sampled at `temperature` with the KV cache, stopping at
+    end_token; the batch PPO trains on:
+      idx (B, T): prompt + reply (+ end_token if it stopped), right-padded with 0
+      mask (B, T-1): True at t where idx[:, t+1] is a reply token: the actions
+      logprobs, entropy (B, T-1): of the policy that sampled them (one forward pass over idx)
+      replies: the reply tokens without end_token; ended: whether each reply stopped by itself."""
+    was_training = policy.training
+    policy.eval()
+    device = policy.lm_head.weight.device
+    replies = policy.generate(prompts, max_new_tokens, temperature=temperature, stop_token=end_token,
+                              generator=generator, vocab_limit=vocab_limit)
+    seqs, masks, ended = [], [], []
+    for p, r in zip(prompts, replies):
+        stopped = len(r) < max_new_tokens  # generate drops the stop token itself
+        actions = r + [end_token] if stopped else r
+        seqs.append(list(p) + actions)
+        masks.append([False] * (len(p) - 1) + [True] * len(actions))
+        ended.append(stopped)
+    idx = pad_batch(seqs, 0, device)
+    mask = pad_batch(masks, 0, device).bool()
+    logprobs, entropy = logprobs_and_entropy(policy, idx, vocab_limit, temperature)
+    policy.train(was_training)
+    return dict(idx=idx, mask=mask, logprobs=logprobs, entropy=entropy, replies=replies, ended=ended,
+                lengths=[len(s) for s in seqs])

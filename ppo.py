@@ -58,7 +58,8 @@ from tasks import chat_ids, check_answer, gold_accuracy, render_prompt
 from tokenizer import load_tokenizer
 from reward import RewardModel, load_reward_model, score_ids
 from rl import (KLController, explained_variance, gae, group_advantages, logprobs_and_entropy, masked_mean,
-                masked_whiten, policy_loss, reference_logprobs, rollout, token_rewards, value_loss)
+                masked_whiten, place_on_mask, policy_loss, prefix_advantages, reference_logprobs, rollout,
+                token_rewards, value_loss, weigh_down_pushes)
 
 # -----------------------------------------------------------------------------
 init_from = 'out-sft'        # the supervised model (a fine-tuning out_dir: model.pt), or 'resume' (out_dir/ckpt.pt)
@@ -75,10 +76,15 @@ group_size = 1               # replies per prompt. > 1: each reply's score relat
                              # prompt (group_advantages): a prompt whose replies all score the same then teaches
                              # nothing, instead of pushing all of its (say, all wrong) replies down
 group_baseline = 'leave_one_out'  # 'leave_one_out': minus the mean of the others (RLOO); 'mean': minus the
-                             # group's mean (GRPO, Dr. GRPO)
+                             # group's mean (GRPO, Dr. GRPO); 'none': no baseline (a control)
 group_std = False            # True: divided by the group's std as well (GRPO; TRL's scale_rewards)
+token_credit = 'reply'       # 'reply': every token of a reply gets its group-relative score; 'prefix': the replies
+                             # of a group as a tree, each token credited with how it changed the mean score of the
+                             # replies that begin as it does (rl.prefix_advantages; group_baseline is then 'mean')
 push_down = True             # False: a negative score (after the baseline) becomes 0, so only the replies that
                              # beat their baseline are pushed up and none is pushed down (see config/ppo_tasks.py)
+down_weight = 1.0            # with push_down: a negative advantage is multiplied by this (1: as the maths has it;
+                             # below 1 the pushes down are weaker than the pushes up)
 score_margin = 0.0           # subtracted from every score before that: with push_down = False, a reply must beat its
                              # group's mean by more than this to be pushed up at all
 max_new_tokens = 16          # a reply that has not said <|end|> by then is cut (and scored as it is)
@@ -205,10 +211,13 @@ if __name__ == '__main__':
     check_settings(globals(), positive=('batch_size', 'group_size', 'max_new_tokens', 'temperature', 'kl_horizon',
                                         'ppo_epochs', 'minibatch_size', 'clip_range', 'clip_range_value',
                                         'learning_rate', 'eval_interval', 'log_interval', 'lora_alpha'),
-                   non_negative=('kl_coef', 'kl_target', 'ent_coef', 'score_margin', 'value_learning_rate',
+                   non_negative=('kl_coef', 'kl_target', 'ent_coef', 'score_margin', 'down_weight', 'value_learning_rate',
                                  'max_iters', 'weight_decay', 'grad_clip', 'eval_tasks'),
                    fractions=('lora_dropout', 'beta1', 'beta2', 'clip_range'),
-                   choices={'reward': ('model', 'gold'), 'group_baseline': ('leave_one_out', 'mean')})
+                   choices={'reward': ('model', 'gold'), 'group_baseline': ('leave_one_out', 'mean', 'none'),
+                            'token_credit': ('reply', 'prefix')})
+    if token_credit == 'prefix' and (group_size < 2 or critic):
+        fail("token_credit='prefix' needs groups (group_size > 1) and no critic (--critic=False)")
     if kl_target > 0 and kl_coef == 0:
         fail("the adaptive controller multiplies beta: with kl_target > 0 start from kl_coef > 0")
     if batch_size % minibatch_size:
@@ -473,9 +482,17 @@ if __name__ == '__main__':
         texts, gold, rm_scores = score_rollouts(batch_prompts, ro)
         scores = rm_scores if reward == 'model' else torch.tensor([float(g) for g in gold], device=device)
         raw_scores = scores  # logged; the reward is the group-relative score when group_size > 1
-        if group_size > 1:
+        credit = None
+        if token_credit == 'prefix':  # the score goes to the tokens, not to the reply's end
+            scale = scores.view(-1, group_size).std(1, keepdim=True) + 1e-4 if group_std else 1.0
+            actions = [ro['idx'][i, 1:][ro['mask'][i]].tolist() for i in range(batch_size)]
+            credit = place_on_mask(prefix_advantages(actions, (scores.view(-1, group_size) / scale).view(-1),
+                                                     group_size), ro['mask'])
+            credit = credit if push_down else (credit - score_margin).clamp(min=0) * mask
+            scores = torch.zeros_like(scores)
+        elif group_size > 1:
             scores = group_advantages(scores, group_size, group_baseline, group_std)
-        if not push_down:
+        if not push_down and credit is None:
             scores = (scores - score_margin).clamp(min=0)
 
         # 2. per-token rewards, values, advantages (no gradient: these are the targets)
@@ -487,6 +504,10 @@ if __name__ == '__main__':
         beta = kl_ctl.value
         rewards = token_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
         advantages, returns = gae(rewards, old_values, mask, gamma, lam if critic else 1.0)
+        if credit is not None:
+            advantages = advantages + credit  # plus the KL penalties still ahead, as for a whole reply's score
+        if push_down and down_weight != 1.0:
+            advantages = weigh_down_pushes(advantages, down_weight)
         if whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         kl_per_reply = ((old_logprobs - ref_logprobs) * mask).sum(1)  # a sample of KL(pi || ref) per reply

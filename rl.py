@@ -42,14 +42,54 @@ def group_advantages(scores, group_size, baseline='leave_one_out', scale_by_std=
     """Group-relative scores, for consecutive runs of group_size replies to the same prompt:
         'leave_one_out' (RLOO, Ahmadian et al. 2024):  s_i - mean_{j != i} s_j  =  k / (k - 1) (s_i - mean_j s_j)
         'mean' (GRPO, Shao et al. 2024; Dr. GRPO):     s_i - mean_j s_j
+        'none':                                        s_i (a control: groups, no baseline)
     and with scale_by_std, divided by the group's (sample) std + eps, as GRPO does. The baselines differ only in
     scale (RLOO's leaves the gradient unbiased); the std makes a nearly-all-right group as loud as a half-right one."""
     g = scores.view(-1, group_size)
+    if baseline == 'none':  # the control: the same groups of replies, no baseline
+        return scores
     centred = leave_one_out(scores, group_size).view(-1, group_size) if baseline == 'leave_one_out' \
         else g - g.mean(1, keepdim=True)
     if scale_by_std:
         centred = centred / (g.std(1, keepdim=True) + eps)
     return centred.view(-1)
+
+
+def prefix_advantages(actions, scores, group_size):
+    """Token-level credit from a group's replies to one prompt, read as a tree of prefixes: the value of a
+    prefix is the mean score of the group's replies that begin with it, and each token's advantage is what it
+    changed, A_t = V(y_1..y_t) - V(y_1..y_t-1). Tokens where the replies agree get nothing, and the token where a
+    reply leaves its group's right answers takes the blame. Summed over a reply the credit telescopes to
+    V(reply) - V(empty prefix): the reply's score minus its group's mean (GRPO's advantage), when no other
+    reply in the group is the same. actions: one list of token ids per reply (consecutive runs of group_size
+    replies to the same prompt); scores: (B,). Returns one list of advantages per reply, one per action."""
+    out = []
+    for g in range(0, len(actions), group_size):
+        replies, group_scores = actions[g:g + group_size], scores[g:g + group_size].tolist()
+        total, count = {}, {}
+        for reply, s in zip(replies, group_scores):
+            for t in range(len(reply) + 1):
+                key = tuple(reply[:t])
+                total[key], count[key] = total.get(key, 0.0) + s, count.get(key, 0) + 1
+        for reply in replies:
+            v = [total[tuple(reply[:t])] / count[tuple(reply[:t])] for t in range(len(reply) + 1)]
+            out.append([v[t + 1] - v[t] for t in range(len(reply))])
+    return out
+
+
+def place_on_mask(values, mask):
+    """(B, T-1) tensor holding row i's list of values at row i's masked positions, in order; zero elsewhere."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    for i, v in enumerate(values):
+        pos = mask[i].nonzero().squeeze(1)
+        out[i, pos] = torch.tensor(v, dtype=torch.float32, device=mask.device)
+    return out
+
+
+def weigh_down_pushes(advantages, down_weight):
+    """Negative advantages (the pushes down) multiplied by down_weight, positive ones kept: 1 is the policy
+    gradient as it is, 0 pushes nothing down (biased: both are the maths only at 1)."""
+    return torch.where(advantages < 0, down_weight * advantages, advantages)
 
 
 def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):

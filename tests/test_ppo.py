@@ -18,7 +18,8 @@ from conftest import error_line, read_metrics, run
 from plots import compare_runs
 from ppo import ValueModel
 from rl import (KLController, explained_variance, gae, group_advantages, kl_penalty, leave_one_out, logprobs_and_entropy,
-                masked_mean, masked_whiten, policy_loss, reference_logprobs, rollout, token_rewards, value_loss)
+                masked_mean, masked_whiten, place_on_mask, policy_loss, prefix_advantages, reference_logprobs, rollout,
+                token_rewards, value_loss, weigh_down_pushes)
 from test_dpo import tiny_gpt, write_jsonl
 
 
@@ -391,6 +392,7 @@ def test_ppo_script_with_a_reward_model_and_resume(toy, tok_meta):
     (['--reward=gold', '--prompts=NOANSWER'], "needs an 'answer' for every prompt"),
     (['--reward=gold', '--group_size=3'], 'group_size must divide batch_size'),
     (['--reward=gold', '--temperature=0'], 'temperature must be > 0'),
+    (['--reward=gold', '--token_credit=prefix'], "token_credit='prefix' needs groups"),
 ])
 def test_ppo_bad_input_fails_with_one_line_before_work(toy, args, message):
     write_jsonl(toy / 'noanswer.jsonl', ['"What is 2 + 2?"', {'prompt': 'Copy: a'}])
@@ -413,7 +415,7 @@ def test_leave_one_out_baseline_against_a_loop():
     assert leave_one_out(scores, k)[4:8].abs().max() == 0  # all replies alike: no signal from that prompt
 
 
-@pytest.mark.parametrize('baseline', ['leave_one_out', 'mean'])
+@pytest.mark.parametrize('baseline', ['leave_one_out', 'mean', 'none'])
 @pytest.mark.parametrize('scale_by_std', [False, True])
 def test_group_advantages_against_a_loop(baseline, scale_by_std):
     """Written out per group with the statistics module: RLOO's leave-one-out or GRPO's mean, then GRPO's std."""
@@ -423,11 +425,54 @@ def test_group_advantages_against_a_loop(baseline, scale_by_std):
         group = scores[start:start + k].tolist()
         for i, s in enumerate(group):
             others = group[:i] + group[i + 1:]
+            if baseline == 'none':
+                expected.append(s)
+                continue
             a = s - (statistics.mean(others) if baseline == 'leave_one_out' else statistics.mean(group))
             expected.append(a / (statistics.stdev(group) + 1e-4) if scale_by_std else a)
     got = group_advantages(scores, k, baseline, scale_by_std)
     assert torch.allclose(got, torch.tensor(expected), atol=1e-6)
+    if baseline == 'none':
+        return
     assert got[4:8].abs().max() == 0  # all replies alike: no signal from that prompt, with or without the std
+
+
+def test_prefix_advantages_on_a_tree_worked_by_hand():
+    """Four replies to one prompt: [1, 2] right, [1, 3] wrong, [1, 2] right, [4] wrong. Prefix values (the mean
+    score of the replies that begin so): V() = 1/2, V(1) = 2/3, V(1, 2) = 1, V(1, 3) = 0, V(4) = 0."""
+    got = prefix_advantages([[1, 2], [1, 3], [1, 2], [4]], torch.tensor([1.0, 0.0, 1.0, 0.0]), 4)
+    expected = [[1 / 6, 1 / 3], [1 / 6, -2 / 3], [1 / 6, 1 / 3], [-1 / 2]]
+    for g, e in zip(got, expected):
+        assert g == pytest.approx(e)
+
+
+def test_prefix_advantages_sum_to_the_group_relative_score_and_spare_the_shared_tokens():
+    """Random groups: a reply's credit summed over its tokens is its score minus its group's mean (GRPO's
+    advantage, here with distinct replies), and a prefix every reply of the group shares gets no credit."""
+    rng = random.Random(0)
+    for _ in range(20):
+        k = rng.choice([2, 4, 8])
+        shared = [rng.randrange(5) for _ in range(rng.randrange(3))]
+        replies = [shared + [10 + i] + [rng.randrange(5) for _ in range(rng.randrange(3))] for i in range(k)]
+        scores = torch.tensor([float(rng.random() < 0.5) for _ in range(k)])
+        credit = prefix_advantages(replies, scores, k)
+        mean = scores.mean().item()
+        for c, s in zip(credit, scores.tolist()):
+            assert sum(c) == pytest.approx(s - mean)
+            assert all(a == 0 for a in c[:len(shared)])
+
+
+def test_weigh_down_pushes_scales_only_the_negative_advantages():
+    adv = torch.tensor([[0.5, -1.0, 0.0], [-0.2, 2.0, -3.0]])
+    for w in (0.0, 0.25, 1.0):
+        expected = torch.tensor([[a if a >= 0 else w * a for a in row] for row in adv.tolist()])
+        assert torch.equal(weigh_down_pushes(adv, w), expected)
+
+
+def test_place_on_mask_puts_each_rows_values_at_its_masked_positions():
+    mask = torch.tensor([[False, True, True, False], [False, False, True, True]])
+    got = place_on_mask([[0.5, -1.0], [2.0, 3.0]], mask)
+    assert torch.equal(got, torch.tensor([[0.0, 0.5, -1.0, 0.0], [0.0, 0.0, 2.0, 3.0]]))
 
 
 def group_policy_step(scores, lr=0.1):
@@ -464,11 +509,14 @@ def test_a_group_whose_replies_all_score_the_same_gives_no_gradient():
         assert all(g.abs().max() == 0 for g in grads) and torch.equal(before, after)
 
 
-def test_ppo_script_learns_the_gold_answer_with_group_relative_advantages(toy):
-    """GRPO on the toy: 8 prompts x 4 replies per iteration, advantages from the group's mean and std, wrong
-    replies pushed down, no critic: the least-liked letter is learned within a dozen iterations."""
-    out = toy / 'out-grpo'
+@pytest.mark.parametrize('token_credit', ['reply', 'prefix'])
+def test_ppo_script_learns_the_gold_answer_with_group_relative_advantages(toy, token_credit):
+    """GRPO on the toy: 8 prompts x 4 replies per iteration, advantages from the group's mean and std (for
+    the whole reply, or token by token from the group's tree of prefixes), wrong replies pushed down, no critic:
+    the least-liked letter is learned within a dozen iterations."""
+    out = toy / f'out-grpo-{token_credit}'
     run(['ppo.py', f'--init_from={toy / "sft"}', f'--out_dir={out}', f'--data_dir={toy}', '--reward=gold',
+         f'--token_credit={token_credit}',
          '--group_size=4', '--group_baseline=mean', '--group_std=True', '--push_down=True', '--critic=False',
          '--whiten_advantages=False', '--lora_rank=0', '--learning_rate=1e-3', '--max_iters=12', '--kl_coef=0.02',
          *PPO_TINY])

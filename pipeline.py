@@ -217,6 +217,30 @@ def evaluate_models(run_dir, data_dir, n_examples=5):
     return results, examples, len(tasks)
 
 
+def rl_method(config):
+    """What ppo.py ran, named from its config: 'ppo' with a critic (the value model is the baseline); with groups of
+    replies, 'rloo' (leave-one-out mean) or 'grpo' (the group's mean and std; 'dr_grpo' without the std); else
+    'reinforce' (each reply's own reward-to-go, PPO's clipped ratio on top): no baseline, or the batch's
+    whitening as one."""
+    if config['critic']:
+        algorithm, baseline = 'ppo', 'critic'
+    elif config['group_size'] > 1 and config.get('group_baseline', 'leave_one_out') != 'none':
+        algorithm = ('rloo' if config.get('group_baseline', 'leave_one_out') == 'leave_one_out'
+                     else 'grpo' if config.get('group_std') else 'dr_grpo')
+        baseline = 'group'
+    else:
+        algorithm, baseline = 'reinforce', 'batch' if config['whiten_advantages'] else 'none'
+    return dict(algorithm=algorithm, baseline=baseline, reward='checker' if config['reward'] == 'gold' else 'model')
+
+
+def method_label(name, m):
+    """A model's row label on the card: its name and what ran ('PPO-gold: reinforce, no baseline, checker')."""
+    if m['algorithm'] in ('pretrain', 'sft', 'dpo'):
+        return name
+    baseline = 'no baseline' if m['baseline'] == 'none' else f"{m['baseline']} baseline"
+    return f"{name}: {m['algorithm']}, {baseline}, {m['reward']} reward" + (', no KL' if not m['kl_coef'] else '')
+
+
 def report(run_dir, data_dir, done):
     """out_dir/report.md, out_dir/report.json (the same numbers, for the tests), curves.png and
     overoptimization.png."""
@@ -252,6 +276,14 @@ def report(run_dir, data_dir, done):
                     best_of_n=rm['final'].get('best_of_n', [])),
         dpo=dict(kl=dpo['after']['kl'], reward_accuracy=dpo['after']['val_reward_accuracy']),
         **ppo_card, seconds=t)
+    # what each model is: the card's row labels, and report.json's 'method' (the same keys as 'accuracy')
+    none = dict(baseline=None, reward=None, kl=None, kl_target=None)
+    card['method'] = {'base': dict(algorithm='pretrain', **none), 'SFT': dict(algorithm='sft', **none),
+                      'DPO': dict(none, algorithm='dpo', kl=card['dpo']['kl'])}
+    for name, stage in (('PPO', 'ppo'), ('PPO, no KL penalty', 'ppo_nokl'), ('PPO-gold', 'ppo_gold')):
+        config = ppo_runs[stage][2]['summary']['config']
+        card['method'][name] = dict(rl_method(config), kl=card[stage]['kl'], kl_target=config['kl_target'] or None,
+                                    kl_coef=config['kl_coef'])
     pct = lambda x: f"{100 * x:.1f}%"
 
     def vs_sft(name, paired=paired):
@@ -283,9 +315,9 @@ def report(run_dir, data_dir, done):
              + (f", ranking AUC {card['reward']['auc']:.2f}" if card['reward']['auc'] is not None else '') + ' |',
              f"| dpo | from SFT, reference = SFT | {t['dpo']:.0f} s | KL to SFT {card['dpo']['kl']:.2f} nats/reply; "
              f"implicit-reward accuracy {pct(card['dpo']['reward_accuracy'])} on held-out pairs |",
-             ppo_row('ppo', 'from SFT, reward model, KL penalty'),
-             ppo_row('ppo_nokl', 'the same, no KL penalty'),
-             ppo_row('ppo_gold', 'from SFT, the checker as reward'),
+             ppo_row('ppo', 'from SFT, ' + method_label('', card['method']['PPO'])[2:]),
+             ppo_row('ppo_nokl', 'from SFT, ' + method_label('', card['method']['PPO, no KL penalty'])[2:]),
+             ppo_row('ppo_gold', 'from SFT, ' + method_label('', card['method']['PPO-gold'])[2:]),
              f"| all | | {sum(t.values()):.0f} s | |", '',
              f"Gold accuracy per skill on all {n_test} test prompts (greedy replies, checked by the task suite's "
              f"checkers; evaluated here, every model by the same code). Against SFT: prompts fixed / broken, and "
@@ -293,7 +325,7 @@ def report(run_dir, data_dir, done):
              '| model | ' + ' | '.join(SKILLS) + ' | all | vs SFT: fixed / broken, p | reward-model score | '
              'val (all) | val vs SFT |', '|---' * (len(SKILLS) + 6) + '|']
     for name, a in acc.items():
-        lines.append(f"| {name} | " + ' | '.join(pct(a.get(s, 0)) for s in SKILLS)
+        lines.append(f"| {method_label(name, card['method'][name])} | " + ' | '.join(pct(a.get(s, 0)) for s in SKILLS)
                      + f" | **{pct(a['all'])}** | {vs_sft(name)} | {card['rm_score'][name]:+.3f} | "
                      f"{pct(card['val_accuracy'][name]['all'])} | {vs_sft(name, paired_val)} |")
     lines += ['', "(The reward-model score is the mean over the same replies, standardised by the reward model's "

@@ -14,6 +14,7 @@ import torch
 
 import model as M
 from conftest import ROOT, SHAKESPEARE, error_line, run, script_env
+from pipeline import rl_method
 
 STAGE_DIRS = {'data': 'data/tasks', 'pretrain': 'pretrain', 'sft': 'sft', 'prefs': 'data/prefs', 'reward': 'reward',
               'dpo': 'dpo', 'ppo': 'ppo', 'ppo_nokl': 'ppo_nokl', 'ppo_gold': 'ppo_gold', 'report': 'report'}
@@ -62,10 +63,21 @@ def test_every_stage_runs_and_writes_its_outputs(smoke_run):
             assert (run_dir / 'logs' / f'{stage}.log').read_text().startswith('$ python'), stage
     report = (run_dir / 'report.md').read_text()
     for row in ('| data |', '| pretrain |', '| sft |', '| prefs |', '| reward |', '| dpo |', '| ppo |',
-                '| ppo_nokl |', '| ppo_gold |', '| base |', '| SFT |', '| DPO |', '| PPO |', '| PPO-gold |',
-                '| PPO, no KL penalty |', 'bits/char', 'bytes/token', 'KL to SFT', 'p = ', 'smoke test'):
+                '| ppo_nokl |', '| ppo_gold |', '| base |', '| SFT |', '| DPO |',
+                '| PPO: reinforce, no baseline, model reward |', '| PPO-gold: reinforce, no baseline, checker reward |',
+                '| PPO, no KL penalty: reinforce, no baseline, model reward, no KL |',
+                'bits/char', 'bytes/token', 'KL to SFT', 'p = ', 'smoke test'):
         assert row in report, row
     assert set(card['accuracy']) == {'base', 'SFT', 'DPO', 'PPO', 'PPO, no KL penalty', 'PPO-gold'}
+    # what ran, read from the shipped configs (config/ppo_tasks.py, config/ppo_tasks_gold.py: no critic, no
+    # whitening, one reply per prompt; the learned reward and the checker; KL targets 1, the nokl stage none)
+    m = card['method']
+    assert list(m) == list(card['accuracy'])
+    assert [m[k]['algorithm'] for k in m] == ['pretrain', 'sft', 'dpo', 'reinforce', 'reinforce', 'reinforce']
+    assert [m[k]['baseline'] for k in m] == [None, None, None, 'none', 'none', 'none']
+    assert [m[k]['reward'] for k in m] == [None, None, None, 'model', 'model', 'checker']
+    assert [m[k]['kl_target'] for k in m] == [None, None, None, 1.0, None, 1.0]
+    assert m['base']['kl'] is None and m['DPO']['kl'] == card['dpo']['kl'] and m['PPO']['kl'] == card['ppo']['kl']
     assert set(card['paired_vs_sft']) == set(card['accuracy']) - {'SFT'}
     for picture in ('curves.png', 'overoptimization.png'):
         assert (run_dir / picture).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -187,3 +199,21 @@ def test_every_profile_passes_only_settings_its_scripts_have():
             for arg in args:
                 key = arg[2:].split('=')[0]
                 assert re.search(rf'^\s*{key} = ', script, re.M), (name, stage, key)
+
+
+@pytest.mark.parametrize('config,expected', [
+    (dict(critic=True, group_size=1, whiten_advantages=True, reward='model'), ('ppo', 'critic', 'model')),
+    (dict(critic=False, group_size=1, whiten_advantages=False, reward='gold'), ('reinforce', 'none', 'checker')),
+    (dict(critic=False, group_size=1, whiten_advantages=True, reward='gold'), ('reinforce', 'batch', 'checker')),
+    (dict(critic=False, group_size=8, group_baseline='leave_one_out', group_std=False, whiten_advantages=False,
+          reward='gold'), ('rloo', 'group', 'checker')),
+    (dict(critic=False, group_size=8, group_baseline='mean', group_std=True, whiten_advantages=False,
+          reward='gold'), ('grpo', 'group', 'checker')),
+    (dict(critic=False, group_size=8, group_baseline='mean', group_std=False, whiten_advantages=False,
+          reward='model'), ('dr_grpo', 'group', 'model')),
+    (dict(critic=False, group_size=8, group_baseline='none', group_std=False, whiten_advantages=False,
+          reward='gold'), ('reinforce', 'none', 'checker')),
+])
+def test_rl_method_names_what_ppo_ran(config, expected):
+    m = rl_method(config)
+    assert (m['algorithm'], m['baseline'], m['reward']) == expected

@@ -44,6 +44,9 @@ data = 'prefs'               # 'prefs': data_dir/prefs/{train,val}.jsonl (prepar
 val_data = ''                # held-out pairs for data other than 'prefs'; empty: val_fraction of data
 data_dir = 'data'
 val_fraction = 0.05
+shuffle_labels = False       # True: each train pair's chosen and rejected swapped with probability 1/2 (seeded), so
+                             # the labels carry nothing: the control for RL against a learned reward (val pairs keep
+                             # theirs, so held-out accuracy shows ~50%)
 # LoRA: adapters and the head train; lora_rank = 0: everything trains
 lora_rank = 8
 lora_alpha = 16.0
@@ -108,6 +111,13 @@ def reward_loss(r_chosen, r_rejected, center_coef=0.0):
     if center_coef:
         loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
     return loss
+
+
+def shuffled_labels(prefs, seed):
+    """The pairs with chosen and rejected swapped for a seeded random half of them: labels that carry nothing."""
+    rng = np.random.default_rng([seed, 7])
+    swap = rng.random(len(prefs)) < 0.5
+    return [dict(p, chosen=p['rejected'], rejected=p['chosen']) if s else p for p, s in zip(prefs, swap)]
 
 
 def load_reward_model(path, device='cpu'):
@@ -227,6 +237,8 @@ if __name__ == '__main__':
         train_prefs, val_prefs, report = preference_splits(data, data_dir, val_data, val_fraction, seed)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         fail(str(e))
+    if shuffle_labels:
+        train_prefs = shuffled_labels(train_prefs, seed)
 
     # -------------------------------------------------------------------------
     # processes, devices, precision (common.setup_device, as in train.py)

@@ -13,7 +13,8 @@ import model as M
 import tasks as T
 import tokenizer as TK
 from conftest import error_line, read_metrics, run
-from reward import RewardModel, load_reward_model, ranking_metrics, reply_ids, reward_loss, score, score_ids
+from reward import (RewardModel, load_reward_model, ranking_metrics, reply_ids, reward_loss, score, score_ids,
+                    shuffled_labels)
 from test_dpo import tiny_gpt, write_jsonl, write_sft
 
 
@@ -123,6 +124,33 @@ def test_reward_model_learns_separable_preference(tmp_path, tok_meta, tokenizer,
     assert (rc - rr).mean().item() == pytest.approx(final['val_margin'], rel=1e-4, abs=1e-5)
     one_by_one = torch.cat([score(rm, tok, [p['prompt']], [p['chosen']]) for p in val[:5]])
     assert torch.allclose(one_by_one, rc[:5], atol=1e-5)
+
+
+def test_shuffled_labels_swap_a_seeded_half_and_keep_every_pair():
+    prefs = toy_prefs(2000, 0)
+    a, b = shuffled_labels(prefs, 1337), shuffled_labels(prefs, 1337)
+    assert a == b and a != shuffled_labels(prefs, 1)  # seeded
+    swapped = [x['chosen'] == p['rejected'] and x['rejected'] == p['chosen'] for x, p in zip(a, prefs)]
+    kept = [x == p for x, p in zip(a, prefs)]
+    assert all(s != k for s, k in zip(swapped, kept))  # each pair swapped or left as it was, nothing else
+    assert abs(sum(swapped) / len(prefs) - 0.5) < 0.05
+
+
+def test_reward_model_on_shuffled_labels_learns_nothing(tmp_path, tok_meta):
+    """The control: the same separable pairs as above with chosen and rejected swapped at random leave the reward
+    model at chance on held-out pairs (which keep their labels); the same run with the labels learns them."""
+    write_sft(tmp_path / 'sft', tok_meta)
+    write_jsonl(tmp_path / 'train.jsonl', toy_prefs(300, 0))
+    write_jsonl(tmp_path / 'val.jsonl', toy_prefs(200, 1))
+    accuracy = {}
+    for shuffle in (False, True):
+        out = tmp_path / f'out-{shuffle}'
+        run(['reward.py', f'--init_from={tmp_path / "sft"}', f'--out_dir={out}', f'--data={tmp_path / "train.jsonl"}',
+             f'--val_data={tmp_path / "val.jsonl"}', '--device=cpu', '--batch_size=16', '--max_iters=60',
+             '--warmup_iters=5', '--eval_interval=60', '--log_interval=10', '--rank_prompts=0', '--lora_rank=0',
+             '--learning_rate=1e-2', f'--shuffle_labels={shuffle}'])
+        accuracy[shuffle] = read_metrics(out)[-1]['final']['val_accuracy']
+    assert accuracy[False] > 0.95 and 0.3 < accuracy[True] < 0.7, accuracy
 
 
 @pytest.mark.parametrize('args,message', [

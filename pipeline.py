@@ -19,9 +19,12 @@ exact command line is in the stage's log, out_dir/logs/STAGE.log):
   reward    reward.py config/reward_tasks.py: the Bradley-Terry reward model, and best-of-n by it
   dpo       dpo.py config/dpo_tasks.py: DPO from the SFT model
   ppo       ppo.py config/ppo_tasks.py: PPO from the SFT model, with the reward model and a KL penalty
-  ppo_nokl  the same without the KL penalty, evaluated often: the over-optimization picture
-  ppo_gold  ppo.py config/ppo_tasks_gold.py: PPO with the task checker as the reward: what PPO does when
+  ppo_nokl  the same without the KL penalty (nothing else changed), evaluated often: the over-optimization
+            picture
+  ppo_gold  ppo.py config/ppo_tasks_gold.py: RL with the task checker as the reward: what RL does when
             the reward is right, next to a learned one
+  reward_shuffled, ppo_shuffled   the control: a reward model trained on the same pairs with chosen and
+            rejected swapped at random, and ppo's stage with it: what the learned reward's signal is worth
   report    out_dir/report.md: every model's gold accuracy on the same held-out prompts with a paired test
             against SFT, each stage's metric and wall time, one reply from each model to the same prompts,
             the training curves (curves.png) and the over-optimization plot (overoptimization.png)
@@ -54,7 +57,8 @@ device = 'auto'        # passed to every stage
 seed = 1337
 # -----------------------------------------------------------------------------
 
-STAGES = ('data', 'pretrain', 'sft', 'prefs', 'reward', 'dpo', 'ppo', 'ppo_nokl', 'ppo_gold', 'report')
+STAGES = ('data', 'pretrain', 'sft', 'prefs', 'reward', 'dpo', 'ppo', 'ppo_nokl', 'ppo_gold', 'reward_shuffled',
+          'ppo_shuffled', 'report')
 
 # Each profile: arguments added to a stage's command, after its config file and the paths the pipeline
 # sets itself. 'cpu' is the shipped configs as they are, about 14 minutes on 2 AVX-512 cores (README's
@@ -69,10 +73,13 @@ PROFILES = {
         reward=[],
         dpo=['--eval_test=False'],  # the report evaluates every model on the test split
         ppo=['--eval_test=False'],
-        # no KL penalty, for the over-optimization plot: 60 iterations of 128 rollouts (half the recipe's batch, half the time)
-        ppo_nokl=['--eval_test=False', '--max_iters=60', '--eval_interval=10', '--batch_size=128',
-                  '--minibatch_size=32'],
+        # no KL penalty, everything else as ppo's (so that the difference is the penalty), evaluated more often for
+        # the over-optimization plot
+        ppo_nokl=['--eval_test=False', '--eval_interval=10'],
         ppo_gold=['--eval_test=False'],
+        # the control: a reward model trained on the same pairs with their labels shuffled, then ppo's stage with it
+        reward_shuffled=['--rank_prompts=0'],
+        ppo_shuffled=['--eval_test=False'],
     ),
     'gpu': dict(
         data=['--vocab_size=2048', '--n_per_skill=5000'],
@@ -84,8 +91,10 @@ PROFILES = {
         reward=['--max_iters=3000'],
         dpo=['--max_iters=1000'],
         ppo=['--max_iters=200', '--batch_size=256', '--minibatch_size=64'],
-        ppo_nokl=['--max_iters=100', '--batch_size=256', '--minibatch_size=64'],
+        ppo_nokl=['--max_iters=200', '--batch_size=256', '--minibatch_size=64'],
         ppo_gold=['--max_iters=200', '--batch_size=256', '--minibatch_size=64'],
+        reward_shuffled=['--max_iters=3000', '--rank_prompts=0'],
+        ppo_shuffled=['--max_iters=200', '--batch_size=256', '--minibatch_size=64'],
     ),
 }
 # --smoke: after the profile's arguments, so these win. A handful of everything; pairs fall back to the task's
@@ -107,10 +116,14 @@ SMOKE = dict(
               '--ppo_epochs=1'],
     ppo_gold=['--max_iters=2', '--eval_interval=1', '--eval_tasks=5', '--batch_size=4', '--minibatch_size=4',
               '--ppo_epochs=1'],
+    reward_shuffled=['--max_iters=4', '--warmup_iters=1', '--eval_interval=2', '--batch_size=4'],
+    ppo_shuffled=['--max_iters=2', '--eval_interval=1', '--eval_tasks=5', '--batch_size=4', '--minibatch_size=4',
+                  '--ppo_epochs=1'],
 )
 # the models the report evaluates, and the checkpoint each stage leaves
 MODELS = {'base': 'pretrain/ckpt.pt', 'SFT': 'sft/model.pt', 'DPO': 'dpo/model.pt', 'PPO': 'ppo/model.pt',
-          'PPO, no KL penalty': 'ppo_nokl/model.pt', 'PPO-gold': 'ppo_gold/model.pt'}
+          'PPO, no KL penalty': 'ppo_nokl/model.pt', 'PPO-gold': 'ppo_gold/model.pt',
+          'PPO, shuffled reward': 'ppo_shuffled/model.pt'}
 
 
 def stage_commands(run_dir, data_dir):
@@ -139,6 +152,12 @@ def stage_commands(run_dir, data_dir):
                      [d('ppo_nokl')]),
         'ppo_gold': (['ppo.py', 'config/ppo_tasks_gold.py', f'--init_from={d("sft")}', f'--out_dir={d("ppo_gold")}',
                       *common] + p['ppo_gold'], [d('ppo_gold')]),
+        'reward_shuffled': (['reward.py', 'config/reward_tasks.py', f'--init_from={d("sft")}',
+                             f'--out_dir={d("reward_shuffled")}', '--shuffle_labels=True', *common]
+                            + p['reward_shuffled'], [d('reward_shuffled')]),
+        'ppo_shuffled': (['ppo.py', 'config/ppo_tasks.py', f'--init_from={d("sft")}',
+                          f'--reward_model={d("reward_shuffled")}', f'--out_dir={d("ppo_shuffled")}', *common]
+                         + p['ppo_shuffled'], [d('ppo_shuffled')]),
         'report': (None, [d('report')]),
     }
 
@@ -248,7 +267,8 @@ def report(run_dir, data_dir, done):
     bytes_per_token, chars_per_token, data_meta = val_text_stats(data_dir)
     pre = [r for r in read_jsonl(os.path.join(run_dir, 'pretrain', 'metrics.jsonl')) if 'full_val_loss' in r][-1]
     sft, rm, dpo = (summary(os.path.join(run_dir, s)) for s in ('sft', 'reward', 'dpo'))
-    ppo_runs = {s: read_run(os.path.join(run_dir, s)) for s in ('ppo', 'ppo_nokl', 'ppo_gold')}
+    ppo_runs = {s: read_run(os.path.join(run_dir, s)) for s in ('ppo', 'ppo_nokl', 'ppo_gold', 'ppo_shuffled')}
+    rm_shuffled = summary(os.path.join(run_dir, 'reward_shuffled'))
     with open(os.path.join(data_dir, 'prefs', 'meta.json'), encoding='utf-8') as f:
         prefs = json.load(f)['stats']
     last5 = lambda iters, key: sum(r[key] for r in iters[-5:]) / max(1, len(iters[-5:]))
@@ -280,10 +300,14 @@ def report(run_dir, data_dir, done):
     none = dict(baseline=None, reward=None, kl=None, kl_target=None)
     card['method'] = {'base': dict(algorithm='pretrain', **none), 'SFT': dict(algorithm='sft', **none),
                       'DPO': dict(none, algorithm='dpo', kl=card['dpo']['kl'])}
-    for name, stage in (('PPO', 'ppo'), ('PPO, no KL penalty', 'ppo_nokl'), ('PPO-gold', 'ppo_gold')):
+    for name, stage in (('PPO', 'ppo'), ('PPO, no KL penalty', 'ppo_nokl'), ('PPO-gold', 'ppo_gold'),
+                        ('PPO, shuffled reward', 'ppo_shuffled')):
         config = ppo_runs[stage][2]['summary']['config']
         card['method'][name] = dict(rl_method(config), kl=card[stage]['kl'], kl_target=config['kl_target'] or None,
                                     kl_coef=config['kl_coef'])
+    card['method']['PPO, shuffled reward']['reward'] = 'shuffled-model'
+    card['reward_shuffled'] = dict(pair_accuracy=rm_shuffled['final']['val_accuracy'],
+                                   margin=rm_shuffled['final']['val_margin'])
     pct = lambda x: f"{100 * x:.1f}%"
 
     def vs_sft(name, paired=paired):
@@ -318,6 +342,9 @@ def report(run_dir, data_dir, done):
              ppo_row('ppo', 'from SFT, ' + method_label('', card['method']['PPO'])[2:]),
              ppo_row('ppo_nokl', 'from SFT, ' + method_label('', card['method']['PPO, no KL penalty'])[2:]),
              ppo_row('ppo_gold', 'from SFT, ' + method_label('', card['method']['PPO-gold'])[2:]),
+             f"| reward_shuffled | the control: Bradley-Terry on the same pairs, labels shuffled | "
+             f"{t['reward_shuffled']:.0f} s | held-out pair accuracy {pct(card['reward_shuffled']['pair_accuracy'])} |",
+             ppo_row('ppo_shuffled', 'from SFT, ' + method_label('', card['method']['PPO, shuffled reward'])[2:]),
              f"| all | | {sum(t.values()):.0f} s | |", '',
              f"Gold accuracy per skill on all {n_test} test prompts (greedy replies, checked by the task suite's "
              f"checkers; evaluated here, every model by the same code). Against SFT: prompts fixed / broken, and "

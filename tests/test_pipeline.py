@@ -17,9 +17,10 @@ from conftest import ROOT, SHAKESPEARE, error_line, run, script_env
 from pipeline import rl_method
 
 STAGE_DIRS = {'data': 'data/tasks', 'pretrain': 'pretrain', 'sft': 'sft', 'prefs': 'data/prefs', 'reward': 'reward',
-              'dpo': 'dpo', 'ppo': 'ppo', 'ppo_nokl': 'ppo_nokl', 'ppo_gold': 'ppo_gold', 'report': 'report'}
+              'dpo': 'dpo', 'ppo': 'ppo', 'ppo_nokl': 'ppo_nokl', 'ppo_gold': 'ppo_gold',
+              'reward_shuffled': 'reward_shuffled', 'ppo_shuffled': 'ppo_shuffled', 'report': 'report'}
 CHECKPOINTS = ('pretrain/ckpt.pt', 'sft/model.pt', 'reward/reward.pt', 'dpo/model.pt', 'ppo/model.pt',
-               'ppo_nokl/model.pt', 'ppo_gold/model.pt')
+               'ppo_nokl/model.pt', 'ppo_gold/model.pt', 'reward_shuffled/reward.pt', 'ppo_shuffled/model.pt')
 
 
 def pipeline_args(run_dir, *extra, profile='cpu', smoke=True, input=None):
@@ -65,24 +66,34 @@ def test_every_stage_runs_and_writes_its_outputs(smoke_run):
     for row in ('| data |', '| pretrain |', '| sft |', '| prefs |', '| reward |', '| dpo |', '| ppo |',
                 '| ppo_nokl |', '| ppo_gold |', '| base |', '| SFT |', '| DPO |',
                 '| PPO: reinforce, no baseline, model reward |', '| PPO-gold: reinforce, no baseline, checker reward |',
-                '| PPO, no KL penalty: reinforce, no baseline, model reward, no KL |',
+                '| PPO, no KL penalty: reinforce, no baseline, model reward, no KL |', '| reward_shuffled |',
+                '| ppo_shuffled |', '| PPO, shuffled reward: reinforce, no baseline, shuffled-model reward |',
                 'bits/char', 'bytes/token', 'KL to SFT', 'p = ', 'smoke test'):
         assert row in report, row
-    assert set(card['accuracy']) == {'base', 'SFT', 'DPO', 'PPO', 'PPO, no KL penalty', 'PPO-gold'}
+    assert set(card['accuracy']) == {'base', 'SFT', 'DPO', 'PPO', 'PPO, no KL penalty', 'PPO-gold',
+                                     'PPO, shuffled reward'}
     # what ran, read from the shipped configs (config/ppo_tasks.py, config/ppo_tasks_gold.py: no critic, no
     # whitening, one reply per prompt; the learned reward and the checker; KL targets 1, the nokl stage none)
     m = card['method']
     assert list(m) == list(card['accuracy'])
-    assert [m[k]['algorithm'] for k in m] == ['pretrain', 'sft', 'dpo', 'reinforce', 'reinforce', 'reinforce']
-    assert [m[k]['baseline'] for k in m] == [None, None, None, 'none', 'none', 'none']
-    assert [m[k]['reward'] for k in m] == [None, None, None, 'model', 'model', 'checker']
-    assert [m[k]['kl_target'] for k in m] == [None, None, None, 1.0, None, 1.0]
+    assert [m[k]['algorithm'] for k in m] == ['pretrain', 'sft', 'dpo'] + ['reinforce'] * 4
+    assert [m[k]['baseline'] for k in m] == [None, None, None, 'none', 'none', 'none', 'none']
+    assert [m[k]['reward'] for k in m] == [None, None, None, 'model', 'model', 'checker', 'shuffled-model']
+    assert [m[k]['kl_target'] for k in m] == [None, None, None, 1.0, None, 1.0, 1.0]
+    # the controls: the no-KL run is the KL run's command with the penalty off and evaluated more often, nothing
+    # else; the shuffled-reward run is the KL run's command with the other reward model
+    logs = {s: (run_dir / 'logs' / f'{s}.log').read_text().splitlines()[0].split() for s in ('ppo', 'ppo_nokl',
+                                                                                              'ppo_shuffled')}
+    strip = lambda cmd, drop: [a for a in cmd if not a.startswith(drop)]
+    assert strip(logs['ppo_nokl'], ('--out_dir', '--kl_coef', '--kl_target', '--eval_interval')) == \
+        strip(logs['ppo'], ('--out_dir', '--eval_interval'))
+    assert strip(logs['ppo_shuffled'], ('--out_dir', '--reward_model')) == strip(logs['ppo'], ('--out_dir', '--reward_model'))
     assert m['base']['kl'] is None and m['DPO']['kl'] == card['dpo']['kl'] and m['PPO']['kl'] == card['ppo']['kl']
     assert set(card['paired_vs_sft']) == set(card['accuracy']) - {'SFT'}
     for picture in ('curves.png', 'overoptimization.png'):
         assert (run_dir / picture).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
         assert f'({picture})' in report
-    assert '[3/10, ' in stdout  # where the run is
+    assert '[3/12, ' in stdout  # where the run is
 
 
 def test_the_gpu_profile_runs_end_to_end_with_every_count_cut(small_text, tmp_path):
@@ -90,7 +101,7 @@ def test_the_gpu_profile_runs_end_to_end_with_every_count_cut(small_text, tmp_pa
     (iterations, prompts, batches) cut to a handful. Its model is the gpu profile's (6 layers, 384 wide)."""
     pipeline(tmp_path / 'gpu', profile='gpu', input=small_text)
     card = json.loads((tmp_path / 'gpu' / 'report.json').read_text())
-    assert card['profile'] == 'gpu' and card['smoke'] and len(card['accuracy']) == 6
+    assert card['profile'] == 'gpu' and card['smoke'] and len(card['accuracy']) == 7
     meta = M.load_checkpoint(str(tmp_path / 'gpu' / 'pretrain' / 'ckpt.pt'))[1]
     assert (meta['model_args']['n_layer'], meta['model_args']['n_embd']) == (6, 384)
 
@@ -110,13 +121,13 @@ def test_rerun_skips_finished_stages_and_force_reruns_from_a_stage(smoke_run, sm
     assert not (run_dir / 'report' / 'half-written.tmp').exists()
     assert ckpt.stat().st_mtime_ns == stamp
     assert card_without_times(run_dir)['accuracy'] == card['accuracy']  # the same models evaluated again
-    p = pipeline(run_dir, '--force=ppo_gold', input=small_text)
+    p = pipeline(run_dir, '--force=ppo_shuffled', input=small_text)
     assert p.stdout.count('); skipped') == len(STAGE_DIRS) - 2
     # a stage made by a different command (another profile, input or setting) is not taken as done
     marker = run_dir / 'report' / 'done.json'
     marker.write_text(json.dumps({**json.loads(marker.read_text()), 'command': 'python pipeline.py --profile=x'}))
     p = pipeline(run_dir, input=small_text)
-    assert 'report [10/10, ' in p.stdout and 'made by a different command' in p.stdout
+    assert 'report [12/12, ' in p.stdout and 'made by a different command' in p.stdout
     assert json.loads(marker.read_text())['command'] == 'report'
     # every other stage recorded the exact command it ran, as its log shows it
     for stage, folder in STAGE_DIRS.items():

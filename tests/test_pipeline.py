@@ -4,6 +4,7 @@ weights (which is also the same-seed test). The recipe's own claims, on the full
 import json
 import os
 import random
+import runpy
 import signal
 import subprocess
 import sys
@@ -73,13 +74,15 @@ def test_every_stage_runs_and_writes_its_outputs(smoke_run):
     assert set(card['accuracy']) == {'base', 'SFT', 'DPO', 'PPO', 'PPO, no KL penalty', 'PPO-gold',
                                      'PPO, shuffled reward'}
     # what ran, read from the shipped configs (config/ppo_tasks.py, config/ppo_tasks_gold.py: no critic, no
-    # whitening, one reply per prompt; the learned reward and the checker; KL targets 1, the nokl stage none)
+    # whitening, one reply per prompt; the learned reward and the checker; their KL targets, the nokl stage none)
     m = card['method']
     assert list(m) == list(card['accuracy'])
     assert [m[k]['algorithm'] for k in m] == ['pretrain', 'sft', 'dpo'] + ['reinforce'] * 4
     assert [m[k]['baseline'] for k in m] == [None, None, None, 'none', 'none', 'none', 'none']
     assert [m[k]['reward'] for k in m] == [None, None, None, 'model', 'model', 'checker', 'shuffled-model']
-    assert [m[k]['kl_target'] for k in m] == [None, None, None, 1.0, None, 1.0, 1.0]
+    target = {f: runpy.run_path(str(ROOT / 'config' / f))['kl_target'] for f in ('ppo_tasks.py', 'ppo_tasks_gold.py')}
+    assert [m[k]['kl_target'] for k in m] == [None, None, None, target['ppo_tasks.py'], None,
+                                              target['ppo_tasks_gold.py'], target['ppo_tasks.py']]
     # the controls: the no-KL run is the KL run's command with the penalty off and evaluated more often, nothing
     # else; the shuffled-reward run is the KL run's command with the other reward model
     logs = {s: (run_dir / 'logs' / f'{s}.log').read_text().splitlines()[0].split() for s in ('ppo', 'ppo_nokl',

@@ -242,23 +242,26 @@ def rl_method(config):
     replies, 'rloo' (leave-one-out mean) or 'grpo' (the group's mean and std; 'dr_grpo' without the std); else
     'reinforce' (each reply's own reward-to-go, PPO's clipped ratio on top): no baseline, or the batch's
     whitening as one."""
+    group_baseline = config.get('group_baseline', 'leave_one_out')  # runs older than the option were RLOO
     if config['critic']:
         algorithm, baseline = 'ppo', 'critic'
-    elif config['group_size'] > 1 and config.get('group_baseline', 'leave_one_out') != 'none':
-        algorithm = ('rloo' if config.get('group_baseline', 'leave_one_out') == 'leave_one_out'
-                     else 'grpo' if config.get('group_std') else 'dr_grpo')
+    elif config['group_size'] > 1 and group_baseline != 'none':
+        algorithm = 'rloo' if group_baseline == 'leave_one_out' else 'grpo' if config.get('group_std') else 'dr_grpo'
         baseline = 'group'
     else:
         algorithm, baseline = 'reinforce', 'batch' if config['whiten_advantages'] else 'none'
     return dict(algorithm=algorithm, baseline=baseline, reward='checker' if config['reward'] == 'gold' else 'model')
 
 
-def method_label(name, m):
-    """A model's row label on the card: its name and what ran ('PPO-gold: reinforce, no baseline, checker')."""
-    if m['algorithm'] in ('pretrain', 'sft', 'dpo'):
-        return name
+def rl_description(m):
+    """What an RL run's method record says, in words: 'reinforce, no baseline, checker reward'."""
     baseline = 'no baseline' if m['baseline'] == 'none' else f"{m['baseline']} baseline"
-    return f"{name}: {m['algorithm']}, {baseline}, {m['reward']} reward" + (', no KL' if not m['kl_coef'] else '')
+    return f"{m['algorithm']}, {baseline}, {m['reward']} reward" + (', no KL' if not m['kl_coef'] else '')
+
+
+def method_label(name, m):
+    """A model's row label on the card: its name, and for an RL run what ran ('PPO-gold: reinforce, ...')."""
+    return name if m['algorithm'] in ('pretrain', 'sft', 'dpo') else f"{name}: {rl_description(m)}"
 
 
 def report(run_dir, data_dir, done):
@@ -340,12 +343,12 @@ def report(run_dir, data_dir, done):
              + (f", ranking AUC {card['reward']['auc']:.2f}" if card['reward']['auc'] is not None else '') + ' |',
              f"| dpo | from SFT, reference = SFT | {t['dpo']:.0f} s | KL to SFT {card['dpo']['kl']:.2f} nats/reply; "
              f"implicit-reward accuracy {pct(card['dpo']['reward_accuracy'])} on held-out pairs |",
-             ppo_row('ppo', 'from SFT, ' + method_label('', card['method']['PPO'])[2:]),
-             ppo_row('ppo_nokl', 'from SFT, ' + method_label('', card['method']['PPO, no KL penalty'])[2:]),
-             ppo_row('ppo_gold', 'from SFT, ' + method_label('', card['method']['PPO-gold'])[2:]),
+             ppo_row('ppo', 'from SFT, ' + rl_description(card['method']['PPO'])),
+             ppo_row('ppo_nokl', 'from SFT, ' + rl_description(card['method']['PPO, no KL penalty'])),
+             ppo_row('ppo_gold', 'from SFT, ' + rl_description(card['method']['PPO-gold'])),
              f"| reward_shuffled | the control: Bradley-Terry on the same pairs, labels shuffled | "
              f"{t['reward_shuffled']:.0f} s | held-out pair accuracy {pct(card['reward_shuffled']['pair_accuracy'])} |",
-             ppo_row('ppo_shuffled', 'from SFT, ' + method_label('', card['method']['PPO, shuffled reward'])[2:]),
+             ppo_row('ppo_shuffled', 'from SFT, ' + rl_description(card['method']['PPO, shuffled reward'])),
              f"| all | | {sum(t.values()):.0f} s | |", '',
              f"Gold accuracy per skill on all {n_test} test prompts (greedy replies, checked by the task suite's "
              f"checkers; evaluated here, every model by the same code). Against SFT: prompts fixed / broken, and "

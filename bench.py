@@ -42,14 +42,10 @@ repeats = 3
 sample_batch = 10          # sampling: sequences drawn as one batch
 sample_tokens = 200        # new tokens per sequence
 seed = 1337
-# the config files written for train.py carry keys this benchmark does not use
-out_dir = eval_interval = eval_iters = log_interval = always_save_checkpoint = init_from = None
-gradient_accumulation_steps = learning_rate = max_iters = lr_decay_iters = min_lr = beta2 = warmup_iters = None
-weight_decay = decay_lr = wandb_log = wandb_project = wandb_run_name = None
 # -----------------------------------------------------------------------------
 from common import check_settings, fail, seed_everything
 from configurator import apply_config
-apply_config(globals())
+apply_config(globals(), foreign_files=True)  # train.py's config files: their model's shape; the rest is skipped
 check_settings(globals(), positive=('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'vocab_size', 'steps',
                                     'repeats', 'sample_batch', 'sample_tokens'),
                non_negative=('warmup',), fractions=('dropout',),

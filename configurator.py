@@ -57,7 +57,10 @@ def check_and_convert(key, value, g, known, source):
     return value
 
 
-def apply_config(g, argv=None):
+def apply_config(g, argv=None, foreign_files=False):
+    """Config files and --key=value, in order, onto the globals g; returns the config. foreign_files=True: a
+    config file may set keys this script does not have, and those are skipped (bench.py reads train.py's
+    configs for their model's shape); an unknown --key still fails."""
     argv = sys.argv[1:] if argv is None else argv
     known = config_keys(g)
     for arg in argv:
@@ -73,7 +76,7 @@ def apply_config(g, argv=None):
             for k, v in ns.items():
                 if not is_config(k, v):
                     continue  # modules, functions and helpers a config file uses are not config
-                if k in g and g[k] is v:
+                if k in g and g[k] is v or foreign_files and k not in known:
                     continue
                 g[k] = check_and_convert(k, v, g, known, arg)
             print(f"config: {arg}", file=sys.stderr)

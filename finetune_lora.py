@@ -3,9 +3,9 @@ Supervised fine-tuning (SFT) on chats: a base model that continues text becomes 
 answers. With lora_rank > 0 only small low-rank adapters train (LoRA); with prompt_tokens > 0 only a few
 "virtual token" embeddings in front of every sequence do (prompt tuning); otherwise all weights train.
 
-    python finetune_lora.py config/sft_tasks.py                        # the built-in task suite, LoRA
-    python finetune_lora.py config/sft_tasks.py --lora_rank=0          # the same, full fine-tuning
-    python finetune_lora.py config/sft_tasks.py --lora_rank=0 --prompt_tokens=16 --learning_rate=1e-2   # prompt tuning
+    python finetune_lora.py config/sft_tasks.py                        # the built-in task suite, every weight
+    python finetune_lora.py config/sft_tasks.py --lora_rank=8 --learning_rate=1e-3   # the same, LoRA
+    python finetune_lora.py config/sft_tasks.py --prompt_tokens=16 --learning_rate=1e-2   # prompt tuning
     python finetune_lora.py --init_from=gpt2 --data=alpaca_data.json   # Alpaca-format data, GPT-2 weights
     torchrun --standalone --nproc_per_node=8 finetune_lora.py config/sft_tasks.py
 

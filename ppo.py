@@ -8,9 +8,10 @@ RLHF with PPO (Schulman et al. 2017) and a KL penalty, as in Ziegler et al. 2019
      checker does (1 if correct, else 0). Every reply token t also gets -beta * (log pi(y_t) - log ref(y_t)):
      the KL penalty that keeps the policy near the frozen supervised model ("ref"), whose text the reward
      model was trained on. Summed over a reply it is -beta times an estimate of KL(pi || ref);
-  3. advantages: a value model predicts the return from each position, GAE (gamma, lambda) turns rewards
-     and values into advantages, which are whitened (critic = False: no value model, the advantage is
-     the reward-to-go itself, REINFORCE-style; docs/experiments.md has when that worked better);
+  3. advantages: with critic = True (textbook PPO) a value model predicts the return from each position,
+     GAE (gamma, lambda) turns rewards and values into advantages, which are whitened. Without one (the
+     default) the advantage is the reward-to-go itself, REINFORCE-style, or with group_size > 1 each reply's
+     score relative to the other replies to its prompt (RLOO, GRPO); docs/experiments.md has which won;
   4. PPO: several epochs of minibatches over the rollouts, each step the clipped surrogate objective for the
      policy and a clipped regression for the value model, with gradient clipping.
 
@@ -28,9 +29,10 @@ is this reply", so the critic starts out useful. The price is a second forward a
 minibatch.
 
     python prepare.py prefs --sft_dir=out-sft && python reward.py config/reward_tasks.py   # the reward model
-    python ppo.py config/ppo_tasks.py                                  # learned reward, adaptive KL
+    python ppo.py config/ppo_tasks.py                                  # learned reward, adaptive KL (the defaults)
     python ppo.py config/ppo_tasks.py --kl_coef=0 --kl_target=0 --out_dir=out-ppo-beta0   # no KL penalty
-    python ppo.py config/ppo_tasks.py --reward=gold --out_dir=out-ppo-gold                # the checker
+    python ppo.py config/ppo_tasks_gold.py                                                # the checker
+    python ppo.py config/ppo_tasks_gold.py --critic=True --whiten_advantages=True --push_down=True  # textbook PPO
     python ppo.py --compare=out-ppo,out-ppo-beta0        # a table of finished runs, and a plot
 
 Logs per iteration (metrics.jsonl): mean score of the rollouts (the reward model's, or gold), their gold
@@ -62,16 +64,17 @@ from rl import (KLController, explained_variance, gae, group_advantages, logprob
                 token_rewards, value_loss, weigh_down_pushes)
 
 # -----------------------------------------------------------------------------
+# The defaults are the recipe's run with the learned reward (config/ppo_tasks.py spells them out).
 init_from = 'out-sft'        # the supervised model (a fine-tuning out_dir: model.pt), or 'resume' (out_dir/ckpt.pt)
 out_dir = 'out-ppo'
 reward = 'model'             # 'model': reward_model's score of the reply; 'gold': 1 if the checker accepts it, else 0
 reward_model = 'out-reward'  # reward.py's out_dir (reward.pt) or the file itself
-reward_norm = True           # standardise the reward model's scores with the mean / std reward.py measured
 prompts = 'tasks'            # 'tasks': data_dir/tasks/train.jsonl; or a JSONL file, one {"prompt": str or
                              # [messages], "answer": str (optional; needed for gold), "skill": str} per line
 data_dir = 'data'
 # rollouts
-batch_size = 64              # rollouts (replies) per iteration, per process
+batch_size = 256             # rollouts (replies) per iteration, per process: a learned reward this noisy needs
+                             # the bigger batch (128 in minibatches of 32 gained far less)
 group_size = 1               # replies per prompt. > 1: each reply's score relative to the other replies to its
                              # prompt (group_advantages): a prompt whose replies all score the same then teaches
                              # nothing, instead of pushing all of its (say, all wrong) replies down
@@ -81,40 +84,41 @@ group_std = False            # True: divided by the group's std as well (GRPO; T
 token_credit = 'reply'       # 'reply': every token of a reply gets its group-relative score; 'prefix': the replies
                              # of a group as a tree, each token credited with how it changed the mean score of the
                              # replies that begin as it does (rl.prefix_advantages; group_baseline is then 'mean')
-push_down = True             # False: a negative score (after the baseline) becomes 0, so only the replies that
-                             # beat their baseline are pushed up and none is pushed down (see config/ppo_tasks.py)
+push_down = False            # False: a negative score (after the baseline) becomes 0, so only the replies that
+                             # beat their baseline are pushed up and none is pushed down (docs/experiments.md)
 down_weight = 1.0            # with push_down: a negative advantage is multiplied by this (1: as the maths has it;
                              # below 1 the pushes down are weaker than the pushes up)
-score_margin = 0.0           # subtracted from every score before that: with push_down = False, a reply must beat its
-                             # group's mean by more than this to be pushed up at all
+score_margin = 0.5           # subtracted from every score before that: with push_down = False, a reply must beat its
+                             # group's mean by more than this to be pushed up at all (0.5: the reward model's
+                             # standardised score is fairly sure)
 max_new_tokens = 16          # a reply that has not said <|end|> by then is cut (and scored as it is)
-temperature = 1.0            # the policy PPO trains is softmax(logits / temperature): rollouts sample from it
+temperature = 0.7            # the policy PPO trains is softmax(logits / temperature): rollouts sample from it
                              # and every log-prob (ratio, KL, entropy) is taken from it, so the math is exact.
                              # Below 1 the rollouts sit nearer the greedy reply that evaluation uses
 # the KL penalty
-kl_coef = 0.05               # beta (its start value with the adaptive controller); 0: no penalty
-kl_target = 0.0              # > 0: adapt beta so that the KL (nats per reply) approaches this
-kl_horizon = 2000            # the controller's horizon, in rollouts: how fast beta moves
+kl_coef = 0.1                # beta (its start value with the adaptive controller); 0: no penalty
+kl_target = 0.1              # > 0: adapt beta so that the KL (nats per reply) approaches this; 0: beta stays fixed.
+                             # Chosen on val: targets 0.1 / 0.2 / 0.4 / 1 gave 49.6 / 47.8 / 48.1 / 48.1%
+kl_horizon = 10000           # the controller's horizon, in rollouts: how fast beta moves (slowly)
 # PPO
-ppo_epochs = 4               # passes over each rollout batch
-minibatch_size = 16
-clip_range = 0.2             # epsilon: the ratio pi_new / pi_old is clipped to [1 - eps, 1 + eps]
-clip_range_value = 0.2       # the value prediction may move at most this far from the rollout's
+ppo_epochs = 2               # passes over each rollout batch
+minibatch_size = 64
+clip_range = 0.2             # epsilon: the ratio pi_new / pi_old is clipped to [1 - eps, 1 + eps], and a value
+                             # prediction may move at most this far from the rollout's (OpenAI baselines' cliprange)
 gamma = 1.0                  # discount (1: a reply is short and only its end matters)
 lam = 0.95                   # GAE's lambda: 0 is one-step TD (low variance, biased), 1 is Monte Carlo
-critic = True                # False: no value model; each reply token's advantage is its reward-to-go (the reply's
+critic = False               # False: no value model; each reply token's advantage is its reward-to-go (the reply's
                              # score, plus the KL penalties still ahead), as in REINFORCE. With a 0/1 reward and
                              # whiten_advantages = False only the replies that scored are pushed up, none down
-whiten_advantages = True     # standardise the advantages over each batch (this subtracts their mean: a baseline)
-ent_coef = 0.0               # entropy bonus
+whiten_advantages = False    # True: standardise the advantages over each batch (this subtracts their mean: a baseline)
 # optimisation: the policy (LoRA, or every weight with lora_rank = 0) and the value model (every weight)
 lora_rank = 8
 lora_alpha = 16.0
 lora_dropout = 0.0           # dropout would make the policy differ from the reference at step 0
 lora_targets = 'attn,proj,mlp_in,mlp_out'
-learning_rate = 3e-4
+learning_rate = 5e-4
 value_learning_rate = 1e-4
-max_iters = 100
+max_iters = 50
 weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.95
@@ -209,9 +213,9 @@ if __name__ == '__main__':
 
     # every check that needs no model comes first (common.check_settings: the same rules in every script)
     check_settings(globals(), positive=('batch_size', 'group_size', 'max_new_tokens', 'temperature', 'kl_horizon',
-                                        'ppo_epochs', 'minibatch_size', 'clip_range', 'clip_range_value',
+                                        'ppo_epochs', 'minibatch_size', 'clip_range',
                                         'learning_rate', 'eval_interval', 'log_interval', 'lora_alpha'),
-                   non_negative=('kl_coef', 'kl_target', 'ent_coef', 'score_margin', 'down_weight', 'value_learning_rate',
+                   non_negative=('kl_coef', 'kl_target', 'score_margin', 'down_weight', 'value_learning_rate',
                                  'max_iters', 'weight_decay', 'grad_clip', 'eval_tasks'),
                    fractions=('lora_dropout', 'beta1', 'beta2', 'clip_range'),
                    choices={'reward': ('model', 'gold'), 'group_baseline': ('leave_one_out', 'mean', 'none'),
@@ -304,17 +308,16 @@ if __name__ == '__main__':
             fail(f"the reward model {rm_path} uses a different tokenizer than the policy {sft_path}")
         for p in rm.parameters():
             p.requires_grad = False
-        if reward_norm and rm_meta.get('reward_mean') is not None and rm_meta.get('reward_std'):
+        if rm_meta.get('reward_mean') is not None and rm_meta.get('reward_std'):  # standardised scores
             rm_mean, rm_std = rm_meta['reward_mean'], rm_meta['reward_std']
     value_model = None
     if critic:
         if rm is not None:
             value_model = ValueModel(GPT(GPTConfig(**rm_meta['model_args'])))
             value_model.load_state_dict(rm.state_dict())
-            if reward_norm:  # the critic predicts normalised scores: rescale its head the same way
-                with torch.no_grad():
-                    value_model.head.weight /= rm_std
-                    value_model.head.bias.sub_(rm_mean).div_(rm_std)
+            with torch.no_grad():  # the critic predicts standardised scores: rescale its head the same way
+                value_model.head.weight /= rm_std
+                value_model.head.bias.sub_(rm_mean).div_(rm_std)
         else:
             value_model = ValueModel(model_from_checkpoint(sft_path, device)[0])
         value_model.to(device)
@@ -379,7 +382,7 @@ if __name__ == '__main__':
               f"parameters, from {'the reward model' if rm else 'the supervised model'}" if critic else
               "no value model: advantages are rewards-to-go"))
         print(f"reward: {'reward model ' + rm_path if rm else 'gold checker'}"
-              + (f" (scores standardised: mean {rm_mean:.3f}, std {rm_std:.3f})" if rm and reward_norm else '')
+              + (f" (scores standardised: mean {rm_mean:.3f}, std {rm_std:.3f})" if rm else '')
               + f"; beta {kl_coef}" + (f", adaptive towards KL {kl_target}" if kl_target else ' (fixed)')
               + f"; {len(train_records)} rollout prompts")
 
@@ -530,9 +533,9 @@ if __name__ == '__main__':
                     if critic:
                         values = value_ddp(mb_idx[:, :-1]).float()
                         vf_loss, vf_clip_frac = value_loss(values, old_values[mb, :T - 1], returns[mb, :T - 1],
-                                                           mb_mask, clip_range_value)
+                                                           mb_mask, clip_range)
                     # two separate networks: one backward pass serves both, each its own optimizer
-                    loss = pg_loss - ent_coef * ent + vf_loss
+                    loss = pg_loss + vf_loss
                 optimizers = [policy_optimizer] + ([value_optimizer] if critic else [])
                 scaler.scale(loss).backward()
                 if grad_clip > 0:

@@ -4,8 +4,8 @@ scalar head read at the last token of prompt + reply, trained so that the prefer
 P(chosen > rejected) = sigmoid(r_chosen - r_rejected), i.e. loss -log sigmoid(r_chosen - r_rejected).
 
     python prepare.py prefs --sft_dir=out-sft               # gold-labelled pairs of the SFT model's replies
-    python reward.py config/reward_tasks.py                 # LoRA adapters + head train
-    python reward.py config/reward_tasks.py --lora_rank=0   # the whole network trains
+    python reward.py config/reward_tasks.py                 # the recipe (the defaults): every weight trains
+    python reward.py config/reward_tasks.py --lora_rank=8   # LoRA adapters and the head train
     python reward.py --data=PATH_OR_URL/train.jsonl.gz --val_data=.../test.jsonl.gz   # HH-RLHF
 
 It reports pairwise accuracy and mean margin on held-out pairs and, on held-out task prompts, how well its
@@ -47,35 +47,36 @@ val_fraction = 0.05
 shuffle_labels = False       # True: each train pair's chosen and rejected swapped with probability 1/2 (seeded), so
                              # the labels carry nothing: the control for RL against a learned reward (val pairs keep
                              # theirs, so held-out accuracy shows ~50%)
-# LoRA: adapters and the head train; lora_rank = 0: everything trains
-lora_rank = 8
+# lora_rank = 0: every weight trains (at 128 wide a step is faster than LoRA's and learns more per step);
+# > 0: LoRA adapters and the head train
+lora_rank = 0
 lora_alpha = 16.0
 lora_dropout = 0.0
 lora_targets = 'attn,proj,mlp_in,mlp_out'
 # training
 batch_size = 32              # pairs per micro-batch
 gradient_accumulation_steps = 1
-max_iters = 300
-learning_rate = 1e-3
+max_iters = 1000
+learning_rate = 5e-4
 decay_lr = True
 warmup_iters = 20
-min_lr = 1e-4
+min_lr = 5e-5
 weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0
-center_coef = 0.0            # > 0: plus center_coef * (r_chosen + r_rejected)^2 (as TRL's center_rewards_coefficient):
+center_coef = 0.01           # > 0: plus center_coef * (r_chosen + r_rejected)^2 (as TRL's center_rewards_coefficient):
                              # the pair loss only sees differences, so each prompt's scores could sit anywhere; this
                              # keeps the midpoint of a good and a bad reply near 0, so that a score's sign means
                              # something on its own (PPO without a baseline needs that)
 # evaluation
-eval_interval = 100
+eval_interval = 250
 eval_pairs = 1000            # held-out pairs for accuracy and margin (0: all)
-rank_prompts = 250           # held-out task prompts whose sampled replies the reward ranks (0 disables)
-rank_samples = 8             # replies sampled per prompt from the supervised model; best-of-n for n up to this
-rank_temperature = 1.0       # ... at this temperature (ppo.py's, for the over-optimization plot)
-rank_split = 'test'          # task split of those prompts
-log_interval = 10
+rank_prompts = 200           # held-out task prompts whose sampled replies the reward ranks (0 disables)
+rank_samples = 64            # replies sampled per prompt from the supervised model; best-of-n for n up to this
+rank_temperature = 0.7       # ... at this temperature (ppo.py's, for the over-optimization plot)
+rank_split = 'val'           # task split of those prompts
+log_interval = 50
 # system
 device = 'auto'
 dtype = 'auto'

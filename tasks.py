@@ -64,20 +64,6 @@ def chat_example(messages, tokenizer, block_size):
     return ids[:-1], targets
 
 
-def parse_chat(ids, tokenizer):
-    """The inverse of render_chat: token ids back to a list of messages."""
-    user, assistant, end = chat_ids(tokenizer)
-    messages, i = [], 0
-    while i < len(ids):
-        if ids[i] not in (user, assistant):
-            raise ValueError(f"expected a role token at position {i}")
-        j = ids.index(end, i + 1) if end in ids[i + 1:] else len(ids)
-        messages.append({'role': 'user' if ids[i] == user else 'assistant',
-                         'content': tokenizer.decode(ids[i + 1:j])})
-        i = j + 1
-    return messages
-
-
 # -----------------------------------------------------------------------------
 # The task suite: small skills with exact answers, so that fine-tuning, DPO and PPO can be scored by a
 # gold checker instead of by eye. Skills from easiest to hardest; each prompt has several phrasings.

@@ -9,6 +9,8 @@ temperature = 0.7
 
 critic = False            # any baseline made most updates push wrong samples down, and accuracy fell
 whiten_advantages = False
+push_down = False         # (nothing to push down: no baseline, and a score is 0 or 1)
+score_margin = 0.0        # every right reply pushed up
 
 batch_size = 128          # 256 gains more; 128 saves 2 minutes of the recipe
 minibatch_size = 32

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from configurator import apply_config
-from conftest import error_line, run
+from conftest import ROOT, error_line, run
 
 
 def script_globals():
@@ -147,3 +147,36 @@ def test_bare_flag_turns_a_boolean_on(capsys):
     apply_config(g, ['--compile'])
     assert g['compile'] is True
     assert 'expected --key=value' in apply_fails(capsys, ['--batch_size'])  # only booleans may be bare
+
+
+def test_foreign_config_files_set_what_the_script_has(tmp_path, capsys):
+    """bench.py reads train.py's config files with foreign_files=True: the keys it has are applied (types
+    checked), the others skipped; an unknown --key still fails, and without the flag a foreign key fails."""
+    cfg = tmp_path / 'train_cfg.py'
+    cfg.write_text("batch_size = 64\nwandb_log = False\ngradient_accumulation_steps = 4\n")
+    g = script_globals()
+    config = apply_config(g, [str(cfg)], foreign_files=True)
+    assert g['batch_size'] == 64 and 'wandb_log' not in g and 'gradient_accumulation_steps' not in config
+    assert "'wandb_log'" in apply_fails(capsys, [str(cfg)])
+    g = script_globals()
+    with pytest.raises(SystemExit):
+        apply_config(g, [str(cfg), '--wandb_log=True'], foreign_files=True)
+    bad_type = tmp_path / 'bad_type.py'
+    bad_type.write_text("batch_size = 'many'\nlr_decay_iters = 10\n")
+    with pytest.raises(SystemExit):
+        apply_config(script_globals(), [str(bad_type)], foreign_files=True)
+    assert 'expects int' in capsys.readouterr().err
+
+
+def test_bench_loads_a_train_config_for_its_shape():
+    """bench.py with train.py's CPU config times that config's model (its width and heads, read from the file),
+    not its own GPT-2-sized default: the parameter count it prints is the model built here from the file."""
+    import runpy
+    from model import GPT, GPTConfig
+    cfg = runpy.run_path(str(ROOT / 'config' / 'shakespeare_cpu.py'))
+    expected = GPT(GPTConfig(n_layer=1, n_head=cfg['n_head'], n_embd=cfg['n_embd'], block_size=32,
+                             vocab_size=50304, bias=cfg.get('bias', True))).get_num_params()
+    p = run(['bench.py', 'config/shakespeare_cpu.py', '--device=cpu', '--n_layer=1', '--block_size=32',
+             '--batch_size=2', '--warmup=0', '--steps=1', '--repeats=1', '--sample_batch=1', '--sample_tokens=2',
+             '--compile=False'], timeout=300)
+    assert f"{expected / 1e6:.2f}M parameters" in p.stdout

@@ -334,10 +334,12 @@ def make_toy(d, tok_meta, tokenizer):
 
 
 def test_ppo_script_learns_the_gold_answer(toy):
-    # every weight trains (lora_rank=0): the toy's 32-wide LayerNormed trunk cannot sharpen its letter
+    # textbook PPO (a critic, GAE, whitened advantages, wrong replies pushed down, T = 1), not the recipe's
+    # defaults; every weight trains (lora_rank=0): the toy's 32-wide LayerNormed trunk cannot sharpen its letter
     # choice much through LoRA adapters alone
     out = toy / 'out-gold'
     run(['ppo.py', f'--init_from={toy / "sft"}', f'--out_dir={out}', f'--data_dir={toy}', '--reward=gold',
+         '--critic=True', '--whiten_advantages=True', '--push_down=True', '--temperature=1.0',
          '--lora_rank=0', '--learning_rate=1e-3', '--max_iters=12', '--kl_coef=0.02', '--kl_target=1.0',
          '--kl_horizon=500', *PPO_TINY])
     records = read_metrics(out)
@@ -519,7 +521,7 @@ def test_ppo_script_learns_the_gold_answer_with_group_relative_advantages(toy, t
          f'--token_credit={token_credit}',
          '--group_size=4', '--group_baseline=mean', '--group_std=True', '--push_down=True', '--critic=False',
          '--whiten_advantages=False', '--lora_rank=0', '--learning_rate=1e-3', '--max_iters=12', '--kl_coef=0.02',
-         *PPO_TINY])
+         '--kl_target=0', '--temperature=1.0', *PPO_TINY])
     records = read_metrics(out)
     iters = [r for r in records if 'kl' in r and 'eval' not in r]
     assert iters[0]['gold_accuracy'] < 0.3 and sum(r['gold_accuracy'] for r in iters[-3:]) / 3 > 0.75
@@ -559,7 +561,7 @@ def test_ppo_script_without_a_critic_learns_and_resumes(toy):
     out = toy / 'out-nocritic'
     common = [f'--out_dir={out}', f'--data_dir={toy}', '--reward=gold', '--critic=False',
               '--whiten_advantages=False', '--lora_rank=0', '--learning_rate=1e-3', '--kl_coef=0.02',
-              '--kl_target=1.0', '--kl_horizon=500', *PPO_TINY]
+              '--kl_target=1.0', '--kl_horizon=500', '--score_margin=0', '--temperature=1.0', *PPO_TINY]
     p = run(['ppo.py', f'--init_from={toy / "sft"}', '--max_iters=10', *common])
     assert 'no value model' in p.stdout
     ckpt, _ = M.load_checkpoint(str(out / 'ckpt.pt'))

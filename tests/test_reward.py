@@ -154,7 +154,7 @@ def test_reward_model_on_shuffled_labels_learns_nothing(tmp_path, tok_meta):
 
 
 @pytest.mark.parametrize('args,message', [
-    (['--lora_targets=attn,ffn'], 'lora_targets name some of'),
+    (['--lora_rank=8', '--lora_targets=attn,ffn'], 'lora_targets name some of'),
     (['--data=BADFILE'], '0 usable train'),
 ])
 def test_reward_bad_input_fails_with_one_line_before_work(tmp_path, tok_meta, args, message):

@@ -21,6 +21,20 @@ from test_dpo import PAIRS, tiny_gpt, toy_prefs, write_jsonl
 FIXTURE = Path(__file__).parent / 'fixtures' / 'hh_rlhf_small.jsonl'
 
 
+def parse_chat(ids, tokenizer):
+    """The inverse of render_chat, written here as the tests' reference: token ids back to a list of messages."""
+    user, assistant, end = T.chat_ids(tokenizer)
+    messages, i = [], 0
+    while i < len(ids):
+        if ids[i] not in (user, assistant):
+            raise ValueError(f"expected a role token at position {i}")
+        j = ids.index(end, i + 1) if end in ids[i + 1:] else len(ids)
+        messages.append({'role': 'user' if ids[i] == user else 'assistant',
+                         'content': tokenizer.decode(ids[i + 1:j])})
+        i = j + 1
+    return messages
+
+
 def tiny(vocab_size=40, **kw):
     torch.manual_seed(0)
     cfg = dict(block_size=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)
@@ -47,7 +61,7 @@ def test_chat_renderer_round_trips_and_masks_assistant(chat_tokenizer):
             {'role': 'user', 'content': 'What is 12 plus 30?'},
             {'role': 'assistant', 'content': '42'}]
     ids, mask = T.render_chat(chat, tok)
-    assert T.parse_chat(ids, tok) == chat  # special-looking text in content stays text
+    assert parse_chat(ids, tok) == chat  # special-looking text in content stays text
     user, assistant, end = T.chat_ids(tok)
     assert ids.count(end) == 4  # typed '<|end|>' did not become the special token
     # the mask covers exactly each assistant content plus its <|end|>
@@ -230,7 +244,7 @@ def test_hh_rlhf_plain_and_gzipped(tmp_path):
 def test_hh_transcript_becomes_the_chat_format(tokenizer):
     pref = HH_EXPECTED[1]
     ids = T.preference_example(pref, tokenizer, 256)['chosen']
-    assert T.parse_chat(ids, tokenizer) == pref['prompt'] + [{'role': 'assistant', 'content': pref['chosen']}]
+    assert parse_chat(ids, tokenizer) == pref['prompt'] + [{'role': 'assistant', 'content': pref['chosen']}]
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ timed runs, with the device synchronized before reading the clock.
 import os
 import statistics
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -43,7 +42,7 @@ sample_batch = 10          # sampling: sequences drawn as one batch
 sample_tokens = 200        # new tokens per sequence
 seed = 1337
 # -----------------------------------------------------------------------------
-from common import check_settings, fail, seed_everything
+from common import check_settings, fail, seed_everything, setup_device
 from configurator import apply_config
 apply_config(globals(), foreign_files=True)  # train.py's config files: their model's shape; the rest is skipped
 check_settings(globals(), positive=('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'vocab_size', 'steps',
@@ -54,15 +53,8 @@ if n_embd % n_head:
     fail(f"n_head must divide n_embd; got n_embd={n_embd}, n_head={n_head}")
 
 seed_everything(seed)
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-device_type = 'cuda' if 'cuda' in device else 'cpu'
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+_, _, _, device, device_type, dtype, ctx = setup_device(device, dtype)  # one process, no torchrun
 use_compile = device_type == 'cuda' if compile is None else compile
-torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def sync():

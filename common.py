@@ -36,6 +36,15 @@ def check_settings(settings, positive=(), non_negative=(), fractions=(), choices
             fail(f"{name} must be one of {', '.join(map(str, allowed))}; got {settings[name]!r}")
 
 
+def or_fail(fn, *args, errors=(ValueError,)):
+    """fn(*args), where one of errors (a bad setting, a missing or unreadable file: model.CheckpointError is a
+    ValueError) ends the script in one line, as fail does."""
+    try:
+        return fn(*args)
+    except errors as e:
+        fail(str(e))
+
+
 def check_out_dir(out_dir):
     """out_dir must be a directory or not exist yet (it is created once every check has passed)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -73,6 +82,32 @@ def setup_device(device='auto', dtype='auto', backend='auto'):
     return ddp, rank, world_size, device, device_type, dtype, ctx
 
 
+def steps_per_process(gradient_accumulation_steps, world_size):
+    """Each process's share of an iteration's micro-steps (torchrun splits them: the same batch whatever the
+    number of processes); they must divide evenly."""
+    if gradient_accumulation_steps % world_size:
+        fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must divide by the {world_size} processes")
+    return gradient_accumulation_steps // world_size
+
+
+def set_lr(optimizer, lr):
+    """This iteration's learning rate (get_lr's schedule, or a constant) in every parameter group."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+
+def optimizer_step(optimizer, scaler, params, grad_clip):
+    """The update after an iteration's backward passes (train.py's loop spells it out): unscale the gradients
+    (fp16's GradScaler), clip the global norm of params' gradients to grad_clip (0: no clipping), step, zero."""
+    import torch
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def seed_everything(seed):
     """Seed every generator a script may draw from: Python's random, numpy's global one, torch's on the CPU and
     on every GPU. PyTorch seeds itself at random in every process, so without this two runs of the same
@@ -94,6 +129,19 @@ def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
     ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
     return min_lr + coeff * (learning_rate - min_lr)
+
+
+def metrics_logger(out_dir, enabled=True):
+    """log(record): one JSON line appended to out_dir/metrics.jsonl, which plots.py, pipeline.py and the tests
+    read; enabled=False (every process of a torchrun but the first) writes nothing."""
+    import json
+    path = os.path.join(out_dir, 'metrics.jsonl')
+
+    def log(record):
+        if enabled:
+            with open(path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+    return log
 
 
 def write_text_atomic(path, text):

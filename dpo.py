@@ -23,8 +23,6 @@ sum over their tokens of log pi - log ref. Gold accuracy per skill on val task p
 and on the test prompts before and after (tasks.gold_accuracy, as in fine-tuning). Writes out_dir/model.pt
 (merged: a plain GPT that sample.py and ppo.py load) and metrics.jsonl.
 """
-import copy
-import json
 import math
 import os
 import time
@@ -34,13 +32,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import get_lr, progress, seed_everything, setup_device
-from model import (CheckpointError, apply_lora, clean_state_dict, start_point, lora_disabled,
-                   merged_gpt, model_from_checkpoint, pad_batch, parse_lora_targets, response_logprobs,
-                   save_checkpoint)
-from tasks import (SKILLS, chat_ids, encode_preferences, gold_accuracy, preference_batch, preference_splits,
-                   render_prompt)
-from tokenizer import load_tokenizer
+from common import (get_lr, metrics_logger, optimizer_step, progress, seed_everything, set_lr, setup_device,
+                    steps_per_process)
+from model import (clean_state_dict, start_point, lora_disabled, merged_gpt, parse_lora_targets,
+                   policy_and_reference, response_logprobs, save_checkpoint)
+from rl import sampled_kl
+from tasks import (chat_ids, encode_preferences, eval_tasks_from, gold_accuracy, load_chat_model, preference_batch,
+                   preference_splits, read_tasks, render_prompt)
 
 # -----------------------------------------------------------------------------
 init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt);
@@ -145,7 +143,7 @@ def pair_stats(losses, chosen_rewards, rejected_rewards):
 if __name__ == '__main__':
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from common import check_out_dir, check_settings, fail
+    from common import check_out_dir, check_settings, fail, or_fail
     from configurator import apply_config
     config = apply_config(globals())
 
@@ -160,50 +158,27 @@ if __name__ == '__main__':
         fail(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if label_smoothing and loss_type != 'sigmoid':
         fail("label_smoothing applies to the sigmoid loss only")
-    try:
-        targets = parse_lora_targets(lora_rank, lora_targets)
-    except ValueError as e:
-        fail(str(e))
+    targets = or_fail(parse_lora_targets, lora_rank, lora_targets)
     check_out_dir(out_dir)
-    try:
-        ckpt, ckpt_meta, sft_path = start_point(init_from, out_dir)
-    except CheckpointError as e:
-        fail(str(e))
-    try:
-        train_prefs, val_prefs, report = preference_splits(data, data_dir, val_data, val_fraction, seed)
-    except (FileNotFoundError, RuntimeError, ValueError) as e:
-        fail(str(e))
+    ckpt, ckpt_meta, sft_path = or_fail(start_point, init_from, out_dir)
+    train_prefs, val_prefs, report = or_fail(preference_splits, data, data_dir, val_data, val_fraction, seed,
+                                             errors=(FileNotFoundError, RuntimeError, ValueError))
 
     # -------------------------------------------------------------------------
     # processes, devices, precision (common.setup_device, as in train.py)
     ddp, ddp_rank, ddp_world_size, device, device_type, dtype, ctx = setup_device(device, dtype)
-    if gradient_accumulation_steps % ddp_world_size:
-        fail(f"gradient_accumulation_steps must divide by the {ddp_world_size} processes")
     master_process = ddp_rank == 0
-    accum_steps = gradient_accumulation_steps // ddp_world_size
+    accum_steps = steps_per_process(gradient_accumulation_steps, ddp_world_size)
     seed_everything(seed)  # LoRA's A matrices, the reward head: the same on every run and every process
 
     # -------------------------------------------------------------------------
     # policy and reference: both start as the supervised model
-    try:
-        policy, sft_meta = model_from_checkpoint(sft_path, device)
-    except CheckpointError as e:
-        fail(str(e))
+    policy, sft_meta, tokenizer = load_chat_model(sft_path, device)
     data_meta = sft_meta['data_meta']
-    try:
-        tokenizer = load_tokenizer(data_meta)
-        end_token = chat_ids(tokenizer)[2]
-    except (ValueError, RuntimeError) as e:
-        fail(str(e))
+    end_token = chat_ids(tokenizer)[2]
     block_size = policy.config.block_size
     lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=list(targets)) if lora_rank else None
-    if lora:
-        apply_lora(policy, **lora)  # the base weights freeze; with the adapters off it is the reference
-        ref_model = None
-    else:
-        ref_model = copy.deepcopy(policy).eval()
-        for p in ref_model.parameters():
-            p.requires_grad = False
+    ref_model = policy_and_reference(policy, lora)  # with LoRA: None, the policy with its adapters off
 
     def reference_logprobs(idx, mask):
         return reference_reply_logprobs(policy, ref_model, idx, mask)
@@ -228,16 +203,8 @@ if __name__ == '__main__':
 
     # task prompts for gold accuracy (the suite's val and test splits); preference data of other kinds
     # has no gold checker, and then only the KL is measured, on the val pairs' prompts
-    def load_tasks(split):
-        path = os.path.join(data_dir, 'tasks', f'{split}.jsonl')
-        if not os.path.exists(path):
-            return []
-        with open(path, encoding='utf-8') as f:
-            return [json.loads(line) for line in f]
-    # the suite's files are grouped by skill: take the same number of each
-    pool = load_tasks('val') if eval_tasks else []
-    val_tasks = [t for s in SKILLS for t in [t for t in pool if t['skill'] == s][:eval_tasks // len(SKILLS)]]
-    test_tasks = load_tasks('test') if eval_tasks and eval_test else []
+    val_tasks = eval_tasks_from(data_dir, eval_tasks)
+    test_tasks = read_tasks(data_dir, 'test') if eval_tasks and eval_test else []
     kl_source = [[{'role': 'user', 'content': t['prompt']}] for t in val_tasks] or [p['prompt'] for p in val_prefs]
     kl_set = [kl_source[i] for i in np.random.default_rng(seed).permutation(len(kl_source))[:kl_prompts]]
 
@@ -254,32 +221,15 @@ if __name__ == '__main__':
     if ddp:
         model = DDP(model, device_ids=[torch.device(device).index] if device_type == 'cuda' else None)
 
-    def log(record):
-        if master_process:
-            with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
-                f.write(json.dumps(record) + '\n')
+    log = metrics_logger(out_dir, master_process)
 
-    @torch.no_grad()
-    def sampled_kl(prompts, max_new_tokens=24):
-        """Estimate KL(policy || reference) = E_{y ~ policy}[log pi(y) - log ref(y)]: one reply sampled at
-        temperature 1 per prompt, log-ratio summed over its tokens (with <|end|> when it stopped)."""
-        policy.eval()
-        seqs, masks = [], []
-        gen = torch.Generator(device).manual_seed(seed)
-        for i in range(0, len(prompts), 64):
-            ids = [render_prompt(p, tokenizer)[-(block_size // 2):] for p in prompts[i:i + 64]]
-            for p, row in zip(ids, policy.generate(ids, max_new_tokens, temperature=1.0, stop_token=end_token,
-                                                   generator=gen, vocab_limit=tokenizer.n_vocab)):
-                reply = (row + [end_token] if len(row) < max_new_tokens else row)[:block_size - len(p)]
-                seqs.append(p + reply)
-                masks.append([False] * len(p) + [True] * len(reply))
-        kl = []
-        for i in range(0, len(seqs), 64):
-            idx, mask = pad_batch(seqs[i:i + 64], 0, device), pad_batch(masks[i:i + 64], 0, device).bool()
-            with ctx:
-                kl.append(response_logprobs(policy, idx, mask) - reference_logprobs(idx, mask))
-        policy.train()
-        return torch.cat(kl).mean().item()
+    def kl_to_reference(prompts, max_new_tokens=16):
+        """KL(policy || reference) per reply, measured as the report card measures every model's (rl.sampled_kl:
+        one reply per prompt sampled at temperature 1, the log-ratio summed over its tokens)."""
+        ids = [render_prompt(p, tokenizer)[-(block_size - max_new_tokens - 1):] for p in prompts]
+        with ctx:
+            return sampled_kl(policy, ref_model, ids, max_new_tokens, end_token,
+                              torch.Generator(device).manual_seed(seed), tokenizer.n_vocab)
 
     @torch.no_grad()
     def evaluate(tag, tasks, test=False):
@@ -296,7 +246,7 @@ if __name__ == '__main__':
             stats.append(torch.stack(dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing, sft_weight, n_chosen,
                                               n_rejected)))
         result = {'val_' + k: v for k, v in pair_stats(*torch.cat(stats, dim=1)).items()}
-        result['kl'] = sampled_kl(kl_set) if kl_set else None
+        result['kl'] = kl_to_reference(kl_set) if kl_set else None
         text = f"val loss {result['val_loss']:.4f}, reward accuracy {result['val_reward_accuracy']:.1%}, " \
                f"margin {result['val_margin']:.3f} (chosen {result['val_chosen_reward']:.3f}, rejected " \
                f"{result['val_rejected_reward']:.3f})" + (f", KL {result['kl']:.3f}" if kl_set else '')
@@ -337,8 +287,7 @@ if __name__ == '__main__':
     policy.train()
     while iter_num < max_iters:
         lr = get_lr(iter_num, learning_rate, warmup_iters, max_iters, min_lr) if decay_lr else learning_rate
-        for group in optimizer.param_groups:
-            group['lr'] = lr
+        set_lr(optimizer, lr)
         for micro_step in range(accum_steps):
             rng = np.random.default_rng([seed, iter_num, ddp_rank * accum_steps + micro_step])
             idx, mask, _ = preference_batch([train_data[i] for i in rng.integers(0, len(train_data), batch_size)],
@@ -356,12 +305,7 @@ if __name__ == '__main__':
             s = pair_stats(losses.detach(), chosen_rewards, rejected_rewards)
             sums += torch.tensor(list(s.values()), device=device) / accum_steps
             scaler.scale(loss).backward()
-        if grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scaler, [p for p in policy.parameters() if p.requires_grad], grad_clip)
         iter_num += 1
         if iter_num % log_interval == 0 or iter_num == max_iters:
             if ddp:

@@ -27,12 +27,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import check_out_dir, check_settings, fail, get_lr, progress, seed_everything, setup_device
+from common import (check_out_dir, check_settings, fail, get_lr, metrics_logger, optimizer_step, or_fail, progress,
+                    seed_everything, set_lr, setup_device, steps_per_process)
 from download import download
 from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict, find_model, load_checkpoint,
                    lora_state_dict, merged_gpt, model_from_checkpoint, parse_lora_targets, save_checkpoint,
                    train_token_rows)
-from tasks import chat_example, chat_ids, gold_accuracy, render_chat
+from tasks import chat_example, chat_ids, eval_tasks_from, gold_accuracy, read_tasks, render_chat
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -83,10 +84,7 @@ check_settings(globals(), positive=('batch_size', 'gradient_accumulation_steps',
                non_negative=('max_iters', 'warmup_iters', 'min_lr', 'weight_decay', 'grad_clip', 'eval_tasks',
                              'prompt_tokens'),
                fractions=('replay_fraction', 'val_fraction', 'lora_dropout', 'beta1', 'beta2'))
-try:
-    targets = parse_lora_targets(lora_rank, lora_targets)
-except ValueError as e:
-    fail(str(e))
+targets = or_fail(parse_lora_targets, lora_rank, lora_targets)
 if lora_rank and prompt_tokens:
     fail(f"lora_rank={lora_rank} and prompt_tokens={prompt_tokens}: choose LoRA or prompt tuning, not both")
 check_out_dir(out_dir)
@@ -100,10 +98,8 @@ if init_from == 'resume':  # read the checkpoint now (on the CPU): a bad one is 
 # -----------------------------------------------------------------------------
 # processes, devices, precision (common.setup_device, as in train.py)
 ddp, ddp_rank, ddp_world_size, device, device_type, dtype, ctx = setup_device(device, dtype)
-if gradient_accumulation_steps % ddp_world_size:
-    fail(f"gradient_accumulation_steps must divide by the {ddp_world_size} processes")
 master_process = ddp_rank == 0
-accum_steps = gradient_accumulation_steps // ddp_world_size
+accum_steps = steps_per_process(gradient_accumulation_steps, ddp_world_size)
 seed_everything(seed)  # LoRA's A matrices start random: the same ones on every run and every process
 
 # -----------------------------------------------------------------------------
@@ -201,12 +197,6 @@ def task_chat(t):
     return [{'role': 'user', 'content': t['prompt']}, {'role': 'assistant', 'content': t['answer']}]
 
 
-def load_tasks(split):
-    path = os.path.join(data_dir, 'tasks', f'{split}.jsonl')
-    with open(path, encoding='utf-8') as f:
-        return [json.loads(line) for line in f]
-
-
 def encode_chats(chats, what):
     """(inputs, targets) per chat (see tasks.chat_example); truncations and drops are counted."""
     out, truncated, dropped = [], 0, 0
@@ -233,10 +223,10 @@ if data == 'tasks':
                 sys.exit(r.returncode)
         if ddp:
             dist.barrier()
-    train_chats = [task_chat(t) for t in load_tasks('train')]
-    val_tasks = load_tasks('val')
+    train_chats = [task_chat(t) for t in read_tasks(data_dir, 'train')]
+    val_tasks = read_tasks(data_dir, 'val')
     val_chats = [task_chat(t) for t in val_tasks]
-    test_tasks = load_tasks('test')
+    test_tasks = read_tasks(data_dir, 'test')
 else:
     records = load_records(data)
     chats = [alpaca_to_chat(r) for r in records]
@@ -352,10 +342,7 @@ def evaluate(tag, tasks, test=False):
     return result
 
 
-def log(record):
-    if master_process:
-        with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
-            f.write(json.dumps(record) + '\n')
+log = metrics_logger(out_dir, master_process)
 
 
 def save():
@@ -380,7 +367,7 @@ def save():
 # -----------------------------------------------------------------------------
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
-eval_task_set = val_tasks[:eval_tasks] if eval_tasks else []
+eval_task_set = eval_tasks_from(data_dir, eval_tasks) if data == 'tasks' else []  # every stage's
 if iter_num == 0:
     before = evaluate('base', eval_task_set, test=True)
 after = before
@@ -390,8 +377,7 @@ if device_type == 'cuda':
     torch.cuda.reset_peak_memory_stats()
 while iter_num < max_iters:
     lr = get_lr(iter_num, learning_rate, warmup_iters, max_iters, min_lr) if decay_lr else learning_rate
-    for group in optimizer.param_groups:
-        group['lr'] = lr
+    set_lr(optimizer, lr)
     for micro_step in range(accum_steps):
         rng = np.random.default_rng([seed, iter_num, ddp_rank * accum_steps + micro_step])
         x, y = get_batch('train', rng)
@@ -404,12 +390,7 @@ while iter_num < max_iters:
             loss = loss / accum_steps
         loss_sum += loss.detach()
         scaler.scale(loss).backward()
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(optimizer, scaler, [p for p in raw_model.parameters() if p.requires_grad], grad_clip)
     iter_num += 1
     if iter_num % log_interval == 0 or iter_num == max_iters:
         if ddp:

@@ -7,6 +7,7 @@ References:
 2) "Language Models are Unsupervised Multitask Learners" (GPT-2) and "RoFormer" (rotary positions).
 3) "LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al. 2021).
 """
+import copy
 import inspect
 import json
 import math
@@ -616,6 +617,20 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets=tuple(LORA_TARGETS)):
             if isinstance(child, nn.Linear) and full.endswith(suffixes):
                 setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
     return model
+
+
+def policy_and_reference(model, lora):
+    """Make model the trainable policy and return the frozen reference it starts equal to (DPO's and PPO's
+    ref). With lora (apply_lora's arguments) the reference is the policy with its adapters switched off
+    (lora_disabled): None is returned and no second copy is kept. Without it every weight trains and the
+    reference is a frozen copy."""
+    if lora:
+        apply_lora(model, **lora)
+        return None
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad = False
+    return ref
 
 
 def train_token_rows(model, ids):

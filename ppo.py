@@ -42,7 +42,6 @@ per skill on held-out prompts (greedy) before, during and after. Writes out_dir/
 state, --init_from=resume; sample.py loads it) and out_dir/model.pt (the policy with adapters merged:
 a plain GPT).
 """
-import copy
 import json
 import math
 import os
@@ -53,11 +52,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import progress, seed_everything, setup_device
-from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict, start_point,
-                   merged_gpt, model_from_checkpoint, parse_lora_targets, save_checkpoint)
-from tasks import chat_ids, check_answer, gold_accuracy, render_prompt
-from tokenizer import load_tokenizer
+from common import metrics_logger, progress, seed_everything, setup_device
+from model import (GPT, CheckpointError, GPTConfig, clean_state_dict, start_point, merged_gpt, model_from_checkpoint,
+                   parse_lora_targets, policy_and_reference, save_checkpoint)
+from tasks import (chat_ids, check_answer, eval_tasks_from, gold_accuracy, load_chat_model, read_tasks,
+                   render_prompt)
 from reward import RewardModel, load_reward_model, score_ids
 from rl import (KLController, explained_variance, gae, group_advantages, logprobs_and_entropy, masked_mean,
                 masked_whiten, place_on_mask, policy_loss, prefix_advantages, reference_logprobs, rollout,
@@ -197,7 +196,7 @@ def load_prompt_file(path):
 if __name__ == '__main__':
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from common import check_out_dir, check_settings, fail
+    from common import check_out_dir, check_settings, fail, or_fail
     from configurator import apply_config
     config = apply_config(globals())
 
@@ -230,16 +229,10 @@ if __name__ == '__main__':
         fail(f"group_size must divide batch_size; got {group_size} and {batch_size}")
     if not (0 <= gamma <= 1 and 0 <= lam <= 1):
         fail(f"gamma and lam must be in [0, 1]; got {gamma} and {lam}")
-    try:
-        targets = parse_lora_targets(lora_rank, lora_targets)
-    except ValueError as e:
-        fail(str(e))
+    targets = or_fail(parse_lora_targets, lora_rank, lora_targets)
     check_out_dir(out_dir)
     resume = init_from == 'resume'
-    try:
-        ckpt, ckpt_meta, sft_path = start_point(init_from, out_dir)
-    except CheckpointError as e:
-        fail(str(e))
+    ckpt, ckpt_meta, sft_path = or_fail(start_point, init_from, out_dir)
     if resume and critic and 'value_model' not in ckpt:
         fail(f"{os.path.join(out_dir, 'ckpt.pt')} was trained with --critic=False: resume it so")
     rm_path = None
@@ -274,28 +267,15 @@ if __name__ == '__main__':
 
     # -------------------------------------------------------------------------
     # the policy and the reference: both start as the supervised model
-    try:
-        policy, sft_meta = model_from_checkpoint(sft_path, device)
-    except CheckpointError as e:
-        fail(str(e))
+    policy, sft_meta, tokenizer = load_chat_model(sft_path, device)
     data_meta = sft_meta['data_meta']
-    try:
-        tokenizer = load_tokenizer(data_meta)
-        end_token = chat_ids(tokenizer)[2]
-    except (ValueError, RuntimeError) as e:
-        fail(str(e))
+    end_token = chat_ids(tokenizer)[2]
     block_size = policy.config.block_size
     if max_new_tokens + 2 > block_size:
         fail(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in block_size {block_size}")
     vocab_limit = min(tokenizer.n_vocab, policy.config.vocab_size)  # never sample a padded vocabulary row
     lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=list(targets)) if lora_rank else None
-    if lora:
-        apply_lora(policy, **lora)  # freezes the supervised weights: with the adapters off it is the reference
-        ref_model = None
-    else:
-        ref_model = copy.deepcopy(policy).eval()
-        for p in ref_model.parameters():
-            p.requires_grad = False
+    ref_model = policy_and_reference(policy, lora)  # with LoRA: None, the policy with its adapters off
 
     # the reward model (frozen) and the value model (initialised from it: InstructGPT)
     rm, rm_meta, rm_mean, rm_std = None, None, 0.0, 1.0
@@ -343,16 +323,8 @@ if __name__ == '__main__':
     def encode_prompt(messages):
         return render_prompt(messages, tokenizer)[-(block_size - max_new_tokens - 1):]
 
-    def load_tasks(split):
-        path = os.path.join(data_dir, 'tasks', f'{split}.jsonl')
-        if not os.path.exists(path):
-            return []
-        with open(path, encoding='utf-8') as f:
-            return [json.loads(line) for line in f]
-    # a seeded sample of the val split (its file is ordered by skill, so the first N would be one skill)
-    val_tasks = load_tasks('val')
-    val_tasks = [val_tasks[i] for i in sorted(np.random.default_rng(seed).permutation(len(val_tasks))[:eval_tasks])]
-    test_tasks = load_tasks('test') if eval_tasks and eval_test else []
+    val_tasks = eval_tasks_from(data_dir, eval_tasks)
+    test_tasks = read_tasks(data_dir, 'test') if eval_tasks and eval_test else []
 
     # -------------------------------------------------------------------------
     policy_optimizer = policy.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
@@ -386,10 +358,7 @@ if __name__ == '__main__':
               + f"; beta {kl_coef}" + (f", adaptive towards KL {kl_target}" if kl_target else ' (fixed)')
               + f"; {len(train_records)} rollout prompts")
 
-    def log(record):
-        if master_process:
-            with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
-                f.write(json.dumps(record) + '\n')
+    log = metrics_logger(out_dir, master_process)
 
     @torch.no_grad()
     def evaluate(tag, tasks, test=False):

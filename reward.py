@@ -18,7 +18,6 @@ training state (--init_from=resume); metrics.jsonl the log. ppo.py imports the m
     rm, meta = load_reward_model('out-reward/reward.pt', device)
     rewards = score(rm, tokenizer, prompts, replies)         # one float per reply
 """
-import json
 import math
 import os
 import time
@@ -28,12 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import get_lr, progress, seed_everything, setup_device
+from common import (get_lr, metrics_logger, optimizer_step, progress, seed_everything, set_lr, setup_device,
+                    steps_per_process)
 from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict, load_checkpoint, start_point,
-                   merge_lora, model_from_checkpoint, pad_batch, parse_lora_targets, save_checkpoint)
-from tasks import (SKILLS, chat_ids, check_answer, encode_preferences, preference_batch, preference_splits,
-                   render_prompt, sample_replies)
-from tokenizer import load_tokenizer
+                   merge_lora, pad_batch, parse_lora_targets, save_checkpoint)
+from tasks import (SKILLS, chat_ids, check_answer, encode_preferences, load_chat_model, preference_batch,
+                   preference_splits, read_tasks, render_prompt, sample_replies)
 
 # -----------------------------------------------------------------------------
 init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt);
@@ -212,7 +211,7 @@ def best_of_n(tasks, replies, rewards, ns):
 if __name__ == '__main__':
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from common import check_out_dir, check_settings, fail
+    from common import check_out_dir, check_settings, fail, or_fail
     from configurator import apply_config
     config = apply_config(globals())
 
@@ -225,51 +224,31 @@ if __name__ == '__main__':
                    choices={'rank_split': ('train', 'val', 'test')})
     if rank_prompts > 0 and rank_samples < 2:
         fail(f"rank_samples must be >= 2 to rank replies, got {rank_samples}")
-    try:
-        targets = parse_lora_targets(lora_rank, lora_targets)
-    except ValueError as e:
-        fail(str(e))
+    targets = or_fail(parse_lora_targets, lora_rank, lora_targets)
     check_out_dir(out_dir)
-    try:
-        ckpt, ckpt_meta, sft_path = start_point(init_from, out_dir)
-    except CheckpointError as e:
-        fail(str(e))
-    try:
-        train_prefs, val_prefs, report = preference_splits(data, data_dir, val_data, val_fraction, seed)
-    except (FileNotFoundError, RuntimeError, ValueError) as e:
-        fail(str(e))
+    ckpt, ckpt_meta, sft_path = or_fail(start_point, init_from, out_dir)
+    train_prefs, val_prefs, report = or_fail(preference_splits, data, data_dir, val_data, val_fraction, seed,
+                                             errors=(FileNotFoundError, RuntimeError, ValueError))
     if shuffle_labels:
         train_prefs = shuffled_labels(train_prefs, seed)
 
     # -------------------------------------------------------------------------
     # processes, devices, precision (common.setup_device, as in train.py)
     ddp, ddp_rank, ddp_world_size, device, device_type, dtype, ctx = setup_device(device, dtype)
-    if gradient_accumulation_steps % ddp_world_size:
-        fail(f"gradient_accumulation_steps must divide by the {ddp_world_size} processes")
     master_process = ddp_rank == 0
-    accum_steps = gradient_accumulation_steps // ddp_world_size
+    accum_steps = steps_per_process(gradient_accumulation_steps, ddp_world_size)
     seed_everything(seed)  # LoRA's A matrices, the reward head: the same on every run and every process
 
     # -------------------------------------------------------------------------
     # the supervised model becomes the trunk; its replies (sampled before any training) are what the
     # reward will have to rank
-    try:
-        gpt, sft_meta = model_from_checkpoint(sft_path, device)
-    except CheckpointError as e:
-        fail(str(e))
+    gpt, sft_meta, tokenizer = load_chat_model(sft_path, device)
     data_meta = sft_meta['data_meta']
-    try:
-        tokenizer = load_tokenizer(data_meta)
-        chat_ids(tokenizer)
-    except (ValueError, RuntimeError) as e:
-        fail(str(e))
     block_size = gpt.config.block_size
     rank_tasks, rank_replies = [], []
     if rank_prompts > 0 and master_process:
-        path = os.path.join(data_dir, 'tasks', f'{rank_split}.jsonl')
-        if os.path.exists(path):
-            with open(path, encoding='utf-8') as f:
-                pool = [json.loads(line) for line in f]
+        pool = read_tasks(data_dir, rank_split)
+        if pool:
             rng = np.random.default_rng(seed)
             rank_tasks = [pool[i] for i in sorted(rng.permutation(len(pool))[:rank_prompts])]
             t_sample = time.time()
@@ -278,7 +257,7 @@ if __name__ == '__main__':
             print(f"sampled {rank_samples} replies to each of {len(rank_tasks)} {rank_split} task prompts "
                   f"(temperature {rank_temperature}) in {time.time() - t_sample:.1f} s")
         else:
-            print(f"no {path}: ranking of sampled replies skipped")
+            print(f"no {os.path.join(data_dir, 'tasks', rank_split + '.jsonl')}: ranking of sampled replies skipped")
 
     lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=list(targets)) if lora_rank else None
     if lora:
@@ -319,10 +298,7 @@ if __name__ == '__main__':
     if ddp:
         model = DDP(model, device_ids=[torch.device(device).index] if device_type == 'cuda' else None)
 
-    def log(record):
-        if master_process:
-            with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
-                f.write(json.dumps(record) + '\n')
+    log = metrics_logger(out_dir, master_process)
 
     @torch.no_grad()
     def evaluate(tag, reward_model, rank=False):
@@ -404,8 +380,7 @@ if __name__ == '__main__':
     acc_sum = torch.zeros((), device=device)
     while iter_num < max_iters:
         lr = get_lr(iter_num, learning_rate, warmup_iters, max_iters, min_lr) if decay_lr else learning_rate
-        for group in optimizer.param_groups:
-            group['lr'] = lr
+        set_lr(optimizer, lr)
         for micro_step in range(accum_steps):
             rng = np.random.default_rng([seed, iter_num, ddp_rank * accum_steps + micro_step])
             idx, _, lengths = get_batch(train_data, rng)
@@ -418,12 +393,7 @@ if __name__ == '__main__':
             loss_sum += loss.detach()
             acc_sum += (rc > rr).float().mean().detach() / accum_steps
             scaler.scale(loss).backward()
-        if grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scaler, [p for p in raw_model.parameters() if p.requires_grad], grad_clip)
         iter_num += 1
         if iter_num % log_interval == 0 or iter_num == max_iters:
             if ddp:

@@ -214,3 +214,18 @@ def rollout(policy, prompts, max_new_tokens, end_token, generator=None, vocab_li
     policy.train(was_training)
     return dict(idx=idx, mask=mask, logprobs=logprobs, entropy=entropy, replies=replies, ended=ended,
                 lengths=[len(s) for s in seqs])
+
+
+@torch.no_grad()
+def sampled_kl(policy, ref_model, prompts, max_new_tokens, end_token, generator=None, vocab_limit=None,
+               batch_size=64):
+    """KL(policy || ref) per reply, the one estimator the report card uses for every model: one reply sampled
+    from the policy at temperature 1 for each prompt (token ids), E_y[log pi(y) - log ref(y)] as the mean over
+    them of the log-ratio summed over the reply's tokens (with <|end|> where it stopped). ref_model None: the
+    policy with its LoRA adapters off (reference_logprobs)."""
+    kls = []
+    for i in range(0, len(prompts), batch_size):
+        ro = rollout(policy, prompts[i:i + batch_size], max_new_tokens, end_token, generator, vocab_limit)
+        ref = reference_logprobs(policy, ref_model, ro['idx'], vocab_limit)
+        kls.append(((ro['logprobs'].float() - ref.float()) * ro['mask']).sum(1))
+    return torch.cat(kls).mean().item() if kls else 0.0

@@ -12,11 +12,10 @@ training data was prepared with (recorded in the checkpoint).
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
-from common import check_settings, fail
+from common import check_settings, fail, setup_device
 from model import GPT, model_from_checkpoint
 from tasks import chat_ids, render_prompt
 from tokenizer import load_tokenizer
@@ -43,14 +42,7 @@ check_settings(globals(), positive=('num_samples',), non_negative=('max_new_toke
                choices={'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
 if not 0 < top_p <= 1:
     fail(f"top_p must be in (0, 1], got {top_p}")
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-device_type = 'cuda' if 'cuda' in device else 'cpu'
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
-torch.backends.cuda.matmul.allow_tf32 = True
+_, _, _, device, device_type, dtype, ctx = setup_device(device, dtype)  # one process, no torchrun
 
 if start.startswith('FILE:'):
     try:

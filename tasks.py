@@ -15,8 +15,8 @@ import os
 import torch
 
 from download import download
-from model import pad_batch
-from tokenizer import CHAT_TOKENS
+from model import CheckpointError, model_from_checkpoint, pad_batch
+from tokenizer import CHAT_TOKENS, load_tokenizer
 
 # -----------------------------------------------------------------------------
 # The chat format, in one place. A conversation is a list of {'role': 'user'|'assistant', 'content': str}:
@@ -30,6 +30,19 @@ def chat_ids(tokenizer):
         raise ValueError(f"the tokenizer has no chat tokens {missing}: use GPT-2's tokenizer or a bpe.py "
                          f"tokenizer trained with --special_tokens including {','.join(CHAT_TOKENS)}")
     return [tokenizer.special_tokens[t] for t in CHAT_TOKENS]
+
+
+def load_chat_model(path, device):
+    """The supervised model every alignment stage starts from, and its tokenizer (which must have the chat
+    tokens): (model, meta, tokenizer). A missing or bad checkpoint or tokenizer ends the script in one line."""
+    from common import fail
+    try:
+        model, meta = model_from_checkpoint(path, device)
+        tokenizer = load_tokenizer(meta['data_meta'])
+        chat_ids(tokenizer)
+    except (CheckpointError, ValueError, RuntimeError) as e:
+        fail(str(e))
+    return model, meta, tokenizer
 
 
 def render_chat(messages, tokenizer):
@@ -130,6 +143,22 @@ def make_task_suite(n_per_skill, seed=0, fractions=(0.8, 0.1, 0.1)):
     for split in ('val', 'test'):
         rng.shuffle(splits[split])  # skills interleaved: any prefix covers them all
     return splits
+
+
+def read_tasks(data_dir, split):
+    """The suite's split as records (prepare.py tasks writes data_dir/tasks/{split}.jsonl); [] where there is none."""
+    path = os.path.join(data_dir, 'tasks', f'{split}.jsonl')
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding='utf-8') as f:
+        return [json.loads(line) for line in f]
+
+
+def eval_tasks_from(data_dir, n):
+    """The held-out prompts every stage reports its "val gold accuracy" on: the first n of the val split. Its skills
+    are interleaved (make_task_suite shuffles each split), so any prefix is a random sample that covers them all,
+    and every stage, whatever its seed, takes the same one."""
+    return read_tasks(data_dir, 'val')[:n] if n else []
 
 
 def check_answer(task, response):

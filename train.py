@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import check_out_dir, check_settings, fail, get_lr, progress, seed_everything, setup_device
+from common import check_out_dir, check_settings, fail, get_lr, metrics_logger, progress, seed_everything, setup_device
 from download import GPT2_NAMES
 from model import GPT, CheckpointError, GPTConfig, clean_state_dict, load_checkpoint, save_checkpoint
 
@@ -273,12 +273,13 @@ def full_val_loss():
     return (total[0] / total[1]).item()
 
 
+write_metrics = metrics_logger(out_dir, master_process)
+
+
 def log_metrics(record):
-    if master_process:
-        with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
-            f.write(json.dumps(record) + '\n')
-        if wandb_log:
-            wandb.log(record)
+    write_metrics(record)
+    if wandb_log and master_process:
+        wandb.log(record)
 
 
 def val_report(val):

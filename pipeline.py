@@ -122,6 +122,7 @@ SMOKE = dict(
                   '--ppo_epochs=1'],
 )
 # the models the report evaluates, and the checkpoint each stage leaves
+KL_TOKENS = 16  # the card's KL to SFT: one reply of at most this many tokens per val prompt (the stages' replies' length)
 MODELS = {'base': 'pretrain/ckpt.pt', 'SFT': 'sft/model.pt', 'DPO': 'dpo/model.pt', 'PPO': 'ppo/model.pt',
           'PPO, no KL penalty': 'ppo_nokl/model.pt', 'PPO-gold': 'ppo_gold/model.pt',
           'PPO, shuffled reward': 'ppo_shuffled/model.pt'}
@@ -208,10 +209,12 @@ def evaluate_models(run_dir, data_dir, n_examples=5):
     """Every model's greedy gold accuracy on the whole test split, evaluated here by the same code in the same
     order (so the numbers compare exactly); whether each reply was right (for the paired test); the reward
     model's mean score of those replies (standardised as PPO sees it: the proxy next to the truth); and each
-    model's reply to the same few prompts."""
+    model's reply to the same few prompts; and KL(model || SFT) on the val prompts, one estimator for every
+    row (rl.sampled_kl: a reply sampled at temperature 1, at most 16 tokens, the log-ratio summed over it)."""
     import torch
     from model import model_from_checkpoint
-    from tasks import SKILLS, check_answer, gold_accuracy
+    from rl import sampled_kl
+    from tasks import SKILLS, chat_ids, check_answer, gold_accuracy, render_prompt
     from tokenizer import load_tokenizer
     from reward import load_reward_model, score
     dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
@@ -221,15 +224,22 @@ def evaluate_models(run_dir, data_dir, n_examples=5):
     val_tasks = read_jsonl(os.path.join(data_dir, 'tasks', 'val.jsonl'))  # where the configs were chosen
     examples = [next(t for t in tasks if t['skill'] == s) for s in SKILLS][:n_examples]
     results, t0 = {}, time.time()
+    sft, _ = model_from_checkpoint(os.path.join(run_dir, MODELS['SFT']), dev)
     for i, (name, path) in enumerate(MODELS.items()):
         model, meta = model_from_checkpoint(os.path.join(run_dir, path), dev)
         tokenizer = load_tokenizer(meta['data_meta'])
+        kl = None
+        if name != 'base':  # the base model is not a chat model: its replies are not what the others' are
+            prompts = [render_prompt([{'role': 'user', 'content': t['prompt']}], tokenizer)
+                       [-(model.config.block_size - KL_TOKENS - 1):] for t in val_tasks]
+            kl = sampled_kl(model, sft, prompts, KL_TOKENS, chat_ids(tokenizer)[2],
+                            torch.Generator(dev).manual_seed(seed), tokenizer.n_vocab)
         acc, replies = gold_accuracy(model, tokenizer, tasks)
         with torch.no_grad():
             rm_score = (score(rm, tokenizer, [t['prompt'] for t in tasks], replies) - rm_mean) / rm_std
         _, examples_replies = gold_accuracy(model, tokenizer, examples)
         val_acc, val_replies = gold_accuracy(model, tokenizer, val_tasks)
-        results[name] = dict(accuracy=acc, rm_score=rm_score.mean().item(), examples=examples_replies,
+        results[name] = dict(accuracy=acc, rm_score=rm_score.mean().item(), examples=examples_replies, kl=kl,
                              correct=[check_answer(t, r) for t, r in zip(tasks, replies)], val_accuracy=val_acc,
                              val_correct=[check_answer(t, r) for t, r in zip(val_tasks, val_replies)])
         print(f"evaluated {name}: gold accuracy {acc['all']:.1%} on {len(tasks)} test prompts "
@@ -264,6 +274,34 @@ def method_label(name, m):
     return name if m['algorithm'] in ('pretrain', 'sft', 'dpo') else f"{name}: {rl_description(m)}"
 
 
+def overoptimization_text(best_of_n, runs):
+    """What the over-optimization plot shows, in sentences read from its points: for each run (label: its
+    evaluations' sampled replies, in order), where the gold accuracy started, peaked and ended, at what KL, and
+    the reward model's score at the same three points; then which reading they support; and best-of-n's ends."""
+    pct = lambda x: f"{100 * x:.1f}%"
+    lines = []
+    for label, points in runs.items():
+        pts = [p for p in points if p.get('gold_accuracy') is not None and p.get('score') is not None]
+        if len(pts) < 2:
+            continue
+        first, last = pts[0], pts[-1]
+        peak = max(pts, key=lambda p: p['gold_accuracy'])
+        if peak is not last and last['gold_accuracy'] < peak['gold_accuracy'] - 0.01:
+            reading = ("the proxy kept rising after the truth peaked: over-optimization"
+                       if last['score'] > peak['score'] else "both fell after the peak")
+        else:
+            reading = "the truth had not turned down by the end: no over-optimization in this range"
+        lines.append(f"{label}: gold accuracy {pct(first['gold_accuracy'])} at the start, highest "
+                     f"{pct(peak['gold_accuracy'])} at KL {peak['kl']:.2f}, {pct(last['gold_accuracy'])} at the end "
+                     f"(KL {last['kl']:.2f}); the reward model's score {first['score']:+.3f}, {peak['score']:+.3f}, "
+                     f"{last['score']:+.3f} at the same points: {reading}.")
+    if len(best_of_n) > 1:
+        a, b = best_of_n[0], best_of_n[-1]
+        lines.append(f"Best-of-n by the reward model: gold accuracy {pct(a['gold_accuracy'])} at n = {a['n']}, "
+                     f"{pct(b['gold_accuracy'])} at n = {b['n']} (KL {b['kl']:.2f}).")
+    return ' '.join(lines)
+
+
 def report(run_dir, data_dir, done):
     """out_dir/report.md, out_dir/report.json (the same numbers, for the tests), curves.png and
     overoptimization.png."""
@@ -282,7 +320,7 @@ def report(run_dir, data_dir, done):
                            for name, r in models.items() if name != 'SFT'} for key in ('correct', 'val_correct'))
     t = {s: done[s]['seconds'] for s in done}
     bpc = pre['full_val_loss'] / math.log(2) / chars_per_token
-    ppo_card = {s: dict(kl=last5(iters, 'kl'), kl_target=summ['summary']['config']['kl_target'],
+    ppo_card = {s: dict(rollout_kl=last5(iters, 'kl'), kl_target=summ['summary']['config']['kl_target'],
                         kl_coef=summ['summary']['final_kl_coef'], iters=len(iters),
                         rollout_score=[last5(iters[:5], 'score'), last5(iters, 'score')])
                 for s, (iters, _, summ) in ppo_runs.items()}
@@ -290,6 +328,7 @@ def report(run_dir, data_dir, done):
         profile=profile, smoke=smoke, n_test=n_test, accuracy=acc, paired_vs_sft=paired,
         val_accuracy={name: r['val_accuracy'] for name, r in models.items()}, paired_vs_sft_val=paired_val,
         rm_score={name: r['rm_score'] for name, r in models.items()},
+        kl_to_sft={name: r['kl'] for name, r in models.items()},
         tokenizer=dict(vocab_size=data_meta['vocab_size'], bytes_per_token=bytes_per_token),
         pretrain=dict(val_loss=pre['full_val_loss'], bits_per_char=bpc, iters=pre['iter']),
         sft=dict(val_loss=sft['after']['val_loss'], mode=sft['summary']['mode'],
@@ -298,16 +337,16 @@ def report(run_dir, data_dir, done):
         reward=dict(pair_accuracy=rm['final']['val_accuracy'], margin=rm['final']['val_margin'],
                     auc=rm['final'].get('ranking', {}).get('all', {}).get('auc'), best_iter=rm['summary']['best_iter'],
                     best_of_n=rm['final'].get('best_of_n', [])),
-        dpo=dict(kl=dpo['after']['kl'], reward_accuracy=dpo['after']['val_reward_accuracy']),
+        dpo=dict(reward_accuracy=dpo['after']['val_reward_accuracy']),
         **ppo_card, seconds=t)
     # what each model is: the card's row labels, and report.json's 'method' (the same keys as 'accuracy')
     none = dict(baseline=None, reward=None, kl=None, kl_target=None)
     card['method'] = {'base': dict(algorithm='pretrain', **none), 'SFT': dict(algorithm='sft', **none),
-                      'DPO': dict(none, algorithm='dpo', kl=card['dpo']['kl'])}
+                      'DPO': dict(none, algorithm='dpo', kl=card['kl_to_sft']['DPO'])}
     for name, stage in (('PPO', 'ppo'), ('PPO, no KL penalty', 'ppo_nokl'), ('PPO-gold', 'ppo_gold'),
                         ('PPO, shuffled reward', 'ppo_shuffled')):
         config = ppo_runs[stage][2]['summary']['config']
-        card['method'][name] = dict(rl_method(config), kl=card[stage]['kl'], kl_target=config['kl_target'] or None,
+        card['method'][name] = dict(rl_method(config), kl=card['kl_to_sft'][name], kl_target=config['kl_target'] or None,
                                     kl_coef=config['kl_coef'])
     card['method']['PPO, shuffled reward']['reward'] = 'shuffled-model'
     card['reward_shuffled'] = dict(pair_accuracy=rm_shuffled['final']['val_accuracy'],
@@ -323,7 +362,7 @@ def report(run_dir, data_dir, done):
     def ppo_row(stage, what):
         c = card[stage]
         return (f"| {stage} | {what}, {c['iters']} iterations (beta ends at {c['kl_coef']:.3g}) | {t[stage]:.0f} s | "
-                f"KL to SFT {c['kl']:.2f} nats/reply (last 5 iterations"
+                f"the controller's KL on its rollouts (T = 0.7) {c['rollout_kl']:.2f} nats/reply (last 5 iterations"
                 + (f"; target {c['kl_target']:g}" if c['kl_target'] else '') + f"); rollout score "
                 f"{c['rollout_score'][0]:.3f} -> {c['rollout_score'][1]:.3f} (first / last 5) |")
     lines = [f"# Report card: profile `{profile}`" + (' (smoke test: numbers mean nothing)' if smoke else ''), '',
@@ -341,7 +380,7 @@ def report(run_dir, data_dir, done):
              f"| reward | Bradley-Terry, {rm['summary']['mode']}; kept: iteration {rm['summary']['best_iter']} "
              f"(lowest val loss) | {t['reward']:.0f} s | held-out pair accuracy {pct(card['reward']['pair_accuracy'])}"
              + (f", ranking AUC {card['reward']['auc']:.2f}" if card['reward']['auc'] is not None else '') + ' |',
-             f"| dpo | from SFT, reference = SFT | {t['dpo']:.0f} s | KL to SFT {card['dpo']['kl']:.2f} nats/reply; "
+             f"| dpo | from SFT, reference = SFT | {t['dpo']:.0f} s | "
              f"implicit-reward accuracy {pct(card['dpo']['reward_accuracy'])} on held-out pairs |",
              ppo_row('ppo', 'from SFT, ' + rl_description(card['method']['PPO'])),
              ppo_row('ppo_nokl', 'from SFT, ' + rl_description(card['method']['PPO, no KL penalty'])),
@@ -354,11 +393,13 @@ def report(run_dir, data_dir, done):
              f"checkers; evaluated here, every model by the same code). Against SFT: prompts fixed / broken, and "
              f"McNemar's exact p (small: the difference is not noise):", '',
              '| model | ' + ' | '.join(SKILLS) + ' | all | vs SFT: fixed / broken, p | reward-model score | '
-             'val (all) | val vs SFT |', '|---' * (len(SKILLS) + 6) + '|']
+             'val (all) | val vs SFT | KL to SFT, nats/reply (sampled at T = 1, val) |',
+             '|---' * (len(SKILLS) + 7) + '|']
     for name, a in acc.items():
         lines.append(f"| {method_label(name, card['method'][name])} | " + ' | '.join(pct(a.get(s, 0)) for s in SKILLS)
                      + f" | **{pct(a['all'])}** | {vs_sft(name)} | {card['rm_score'][name]:+.3f} | "
-                     f"{pct(card['val_accuracy'][name]['all'])} | {vs_sft(name, paired_val)} |")
+                     f"{pct(card['val_accuracy'][name]['all'])} | {vs_sft(name, paired_val)} | "
+                     + ('-' if name in ('base', 'SFT') else f"{card['kl_to_sft'][name]:.2f}") + ' |')
     lines += ['', "(The reward-model score is the mean over the same replies, standardised by the reward model's "
               "mean and std on held-out pairs: what PPO maximises, next to the gold truth. Val: the same on all "
               f"{len(models['SFT']['val_correct'])} val prompts, where the configs were chosen.)"]
@@ -374,8 +415,8 @@ def report(run_dir, data_dir, done):
     lines += ['', '## Over-optimization', '',
               "Replies sampled (at PPO's temperature) to held-out val prompts, at each evaluation of the two PPO "
               "runs, against their KL to the SFT model; the dashed line picks the best of n SFT samples by the "
-              "reward model instead. The reward model's score (right) keeps rising with KL; the gold accuracy "
-              "(left) does not follow it far.", '', '![over-optimization](overoptimization.png)',
+              "reward model instead. " + overoptimization_text(card['reward']['best_of_n'], sampled), '',
+              '![over-optimization](overoptimization.png)',
               '', '## Training curves', '', '![training curves](curves.png)']
     os.makedirs(os.path.join(run_dir, 'report'), exist_ok=True)
     write_text_atomic(os.path.join(run_dir, 'report.json'), json.dumps(card, indent=1))

@@ -15,7 +15,7 @@ import torch
 
 import model as M
 from conftest import ROOT, SHAKESPEARE, error_line, run, script_env
-from pipeline import rl_method
+from pipeline import overoptimization_text, rl_method
 
 STAGE_DIRS = {'data': 'data/tasks', 'pretrain': 'pretrain', 'sft': 'sft', 'prefs': 'data/prefs', 'reward': 'reward',
               'dpo': 'dpo', 'ppo': 'ppo', 'ppo_nokl': 'ppo_nokl', 'ppo_gold': 'ppo_gold',
@@ -91,7 +91,11 @@ def test_every_stage_runs_and_writes_its_outputs(smoke_run):
     assert strip(logs['ppo_nokl'], ('--out_dir', '--kl_coef', '--kl_target', '--eval_interval')) == \
         strip(logs['ppo'], ('--out_dir', '--eval_interval'))
     assert strip(logs['ppo_shuffled'], ('--out_dir', '--reward_model')) == strip(logs['ppo'], ('--out_dir', '--reward_model'))
-    assert m['base']['kl'] is None and m['DPO']['kl'] == card['dpo']['kl'] and m['PPO']['kl'] == card['ppo']['kl']
+    # one KL estimator for every row (pipeline.evaluate_models: rl.sampled_kl on the val prompts); SFT against
+    # itself is exactly 0, and the method records carry the same numbers
+    assert m['base']['kl'] is None and card['kl_to_sft']['base'] is None and card['kl_to_sft']['SFT'] == 0.0
+    assert all(m[k]['kl'] == card['kl_to_sft'][k] for k in m if k not in ('base', 'SFT'))
+    assert 'KL to SFT, nats/reply (sampled at T = 1, val)' in report
     assert set(card['paired_vs_sft']) == set(card['accuracy']) - {'SFT'}
     for picture in ('curves.png', 'overoptimization.png'):
         assert (run_dir / picture).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -231,3 +235,24 @@ def test_every_profile_passes_only_settings_its_scripts_have():
 def test_rl_method_names_what_ppo_ran(config, expected):
     m = rl_method(config)
     assert (m['algorithm'], m['baseline'], m['reward']) == expected
+
+
+def test_overoptimization_text_reads_the_points():
+    """The report's over-optimization sentences come from the plot's points: where the gold accuracy peaked and
+    ended, the proxy there, and which of the three readings the numbers support."""
+    pt = lambda kl, gold, score: dict(kl=kl, gold_accuracy=gold, score=score)
+    runs = {'A': [pt(0, 0.30, 0.0), pt(0.5, 0.40, 0.2), pt(2.0, 0.33, 0.9)],   # truth turned down, proxy rose on
+            'B': [pt(0, 0.30, 0.0), pt(0.3, 0.35, 0.1), pt(0.6, 0.38, 0.3)],   # still climbing at the end
+            'C': [pt(0, 0.30, 0.0), pt(0.5, 0.40, 0.5), pt(1.0, 0.20, 0.1)],   # both fell
+            'D': [pt(0, 0.30, 0.0)]}                                            # one point: nothing to say
+    best = [dict(n=1, kl=0.0, gold_accuracy=0.3), dict(n=64, kl=3.16, gold_accuracy=0.55)]
+    text = overoptimization_text(best, runs)
+    a, b, c = (text[text.index(k + ':'):] for k in 'ABC')
+    assert a.startswith('A: gold accuracy 30.0% at the start, highest 40.0% at KL 0.50, 33.0% at the end (KL 2.00); '
+                        "the reward model's score +0.000, +0.200, +0.900 at the same points: the proxy kept rising "
+                        'after the truth peaked: over-optimization.')
+    assert 'highest 38.0% at KL 0.60, 38.0% at the end' in b
+    assert 'no over-optimization in this range' in b.split('C:')[0]
+    assert 'both fell after the peak' in c.split('Best-of-n')[0]
+    assert 'D:' not in text
+    assert text.endswith('Best-of-n by the reward model: gold accuracy 30.0% at n = 1, 55.0% at n = 64 (KL 3.16).')

@@ -2,6 +2,8 @@
 Reading finished runs and drawing them: every picture the project makes (the pipeline's loss curves, a
 comparison of PPO runs, the over-optimization plot) and the tables next to them. Each training script
 writes out_dir/metrics.jsonl, one JSON record per line; this reads those files and nothing else.
+
+    python plots.py --compare=out-ppo,out-ppo-nokl    # finished ppo.py runs: a table, and ppo_compare.png
 """
 import json
 import os
@@ -166,3 +168,20 @@ def overoptimization_png(best_of_n, runs, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+if __name__ == '__main__':
+    from common import fail
+    from configurator import apply_config
+    compare = ''                    # comma-separated ppo.py out_dirs: print a table of their results and plot them
+    compare_plot = 'ppo_compare.png'
+    apply_config(globals())
+    if not compare:
+        fail("nothing to do: name the runs, --compare=out-ppo,out-ppo-nokl")
+    try:
+        table = compare_runs([d for d in compare.split(',') if d], compare_plot)
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"cannot compare {compare}: {e}")
+    print(table)
+    print(f"plot: {compare_plot}")

@@ -33,7 +33,7 @@ minibatch.
     python ppo.py config/ppo_tasks.py --kl_coef=0 --kl_target=0 --out_dir=out-ppo-beta0   # no KL penalty
     python ppo.py config/ppo_tasks_gold.py                                                # the checker
     python ppo.py config/ppo_tasks_gold.py --critic=True --whiten_advantages=True --push_down=True  # textbook PPO
-    python ppo.py --compare=out-ppo,out-ppo-beta0        # a table of finished runs, and a plot
+    python plots.py --compare=out-ppo,out-ppo-beta0      # a table of finished runs, and a plot
 
 Logs per iteration (metrics.jsonl): mean score of the rollouts (the reward model's, or gold), their gold
 accuracy, KL to the reference, beta, PPO's clip fraction, the approximate KL between the policy before and
@@ -45,7 +45,6 @@ a plain GPT).
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -127,9 +126,6 @@ eval_interval = 25
 eval_tasks = 250             # val task prompts for gold accuracy during training (0 disables); test at the ends
 eval_test = True             # and the whole test split before and after (pipeline.py evaluates every model there)
 log_interval = 1
-# comparing finished runs instead of training
-compare = ''                 # comma-separated out_dirs: print a table of their results and plot them
-compare_plot = 'ppo_compare.png'
 # system
 device = 'auto'
 dtype = 'auto'
@@ -199,16 +195,6 @@ if __name__ == '__main__':
     from common import check_out_dir, check_settings, fail, or_fail
     from configurator import apply_config
     config = apply_config(globals())
-
-    if compare:
-        from plots import compare_runs  # matplotlib: imported only when used
-        try:
-            table = compare_runs([d for d in compare.split(',') if d], compare_plot)
-        except (OSError, ValueError, KeyError) as e:
-            fail(f"cannot compare {compare}: {e}")
-        print(table)
-        print(f"plot: {compare_plot}")
-        sys.exit(0)
 
     # every check that needs no model comes first (common.check_settings: the same rules in every script)
     check_settings(globals(), positive=('batch_size', 'group_size', 'max_new_tokens', 'temperature', 'kl_horizon',
@@ -439,6 +425,22 @@ if __name__ == '__main__':
     policy.eval()
     if critic:
         value_model.eval()
+    def relative_scores(scores, ro):
+        """Each reply's score against its baseline, what the policy gradient weighs it by: with groups its group's
+        (group_advantages: leave-one-out, mean, with or without the std); with push_down = False the part above
+        score_margin only. Returns the score at each reply's end and, with token_credit='prefix', a credit per
+        reply token from the group's tree of prefixes instead (the end scores are then 0); else None."""
+        if token_credit == 'prefix':  # the score goes to the tokens, not to the reply's end
+            scale = scores.view(-1, group_size).std(1, keepdim=True) + 1e-4 if group_std else 1.0
+            actions = [ro['idx'][i, 1:][ro['mask'][i]].tolist() for i in range(len(scores))]
+            credit = place_on_mask(prefix_advantages(actions, (scores.view(-1, group_size) / scale).view(-1),
+                                                     group_size), ro['mask'])
+            credit = credit if push_down else (credit - score_margin).clamp(min=0) * ro['mask'].float()
+            return torch.zeros_like(scores), credit
+        if group_size > 1:
+            scores = group_advantages(scores, group_size, group_baseline, group_std)
+        return (scores if push_down else (scores - score_margin).clamp(min=0)), None
+
     while iter_num < max_iters:
         t_iter = time.time()
         # 1. rollouts: this process's own prompts, seeded by iteration (a resumed run repeats them exactly)
@@ -451,23 +453,14 @@ if __name__ == '__main__':
                          gen, vocab_limit, temperature)
         t_rollout = time.time() - t_iter
         idx, mask = ro['idx'], ro['mask'].float()
-        texts, gold, rm_scores = score_rollouts(batch_prompts, ro)
-        scores = rm_scores if reward == 'model' else torch.tensor([float(g) for g in gold], device=device)
-        raw_scores = scores  # logged; the reward is the group-relative score when group_size > 1
-        credit = None
-        if token_credit == 'prefix':  # the score goes to the tokens, not to the reply's end
-            scale = scores.view(-1, group_size).std(1, keepdim=True) + 1e-4 if group_std else 1.0
-            actions = [ro['idx'][i, 1:][ro['mask'][i]].tolist() for i in range(batch_size)]
-            credit = place_on_mask(prefix_advantages(actions, (scores.view(-1, group_size) / scale).view(-1),
-                                                     group_size), ro['mask'])
-            credit = credit if push_down else (credit - score_margin).clamp(min=0) * mask
-            scores = torch.zeros_like(scores)
-        elif group_size > 1:
-            scores = group_advantages(scores, group_size, group_baseline, group_std)
-        if not push_down and credit is None:
-            scores = (scores - score_margin).clamp(min=0)
 
-        # 2. per-token rewards, values, advantages (no gradient: these are the targets)
+        # 2. score: the reward model or the checker, then each reply against its baseline (its group, a margin)
+        texts, gold, rm_scores = score_rollouts(batch_prompts, ro)
+        raw_scores = rm_scores if reward == 'model' else torch.tensor([float(g) for g in gold], device=device)
+        scores, credit = relative_scores(raw_scores, ro)
+
+        # 3. advantages: per-token rewards (the score at the reply's end, -beta * the log-ratio to the reference at
+        # every token), values, GAE (no gradient: these are the targets)
         with torch.no_grad(), ctx:
             old_logprobs = ro['logprobs']
             ref_logprobs = reference_logprobs(policy, ref_model, idx, vocab_limit, temperature).float()
@@ -484,7 +477,7 @@ if __name__ == '__main__':
             advantages = masked_whiten(advantages, mask)
         kl_per_reply = ((old_logprobs - ref_logprobs) * mask).sum(1)  # a sample of KL(pi || ref) per reply
 
-        # 3. PPO: ppo_epochs passes of minibatches over the rollouts
+        # 4. PPO: ppo_epochs passes of minibatches over the rollouts, each step the clipped objective
         stats = []
         order_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         for epoch in range(ppo_epochs):
@@ -522,7 +515,7 @@ if __name__ == '__main__':
                                           vf_clip_frac, ent.detach()]))
         iter_num += 1
 
-        # 4. statistics (averaged over processes) and beta's update
+        # 5. KL control (beta's update) and the log, statistics averaged over processes
         gold_known = [g for g in gold if g is not None]
         ro_stats = torch.tensor([raw_scores.float().mean().item(), kl_per_reply.mean().item(),
                                  masked_mean(ro['entropy'], mask).item(), mask.sum(1).mean().item(),

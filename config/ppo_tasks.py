@@ -2,7 +2,7 @@
 # scores its rollouts, and a KL penalty keeps it where the reward model is right.
 #   python ppo.py config/ppo_tasks.py                                                   # the recipe
 #   python ppo.py config/ppo_tasks.py --kl_coef=0 --kl_target=0 --out_dir=out-ppo-nokl  # no KL penalty
-#   python ppo.py --compare=out-ppo,out-ppo-nokl                                        # table and plot
+#   python plots.py --compare=out-ppo,out-ppo-nokl                                      # table and plot
 init_from = 'out-sft'
 reward_model = 'out-reward'
 out_dir = 'out-ppo'

@@ -386,6 +386,11 @@ def test_ppo_script_with_a_reward_model_and_resume(toy, tok_meta):
     assert 'score' in evals[0] and 'test_score' in evals[0]
     table = compare_runs([str(out)])
     assert str(out) in table and 'SFT' in table
+    # the same table from the command line (plots.py), with its plot
+    p = run(['plots.py', f'--compare={out}', f'--compare_plot={toy / "cmp.png"}'])
+    assert p.stdout.startswith(table) and (toy / 'cmp.png').read_bytes()[:4] == b'\x89PNG'
+    p = run(['plots.py', f'--compare={toy / "no-such-run"}'], check=False)
+    assert p.returncode == 1 and 'cannot compare' in error_line(p)
 
 
 @pytest.mark.parametrize('args,message', [

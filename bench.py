@@ -8,7 +8,9 @@ context) for any model size, on synthetic or real data. Prints one summary table
     python bench.py config/chat_base.py --device=cpu --vocab_size=1028 --dtype=bfloat16   # or --compile=True
 
 Timings exclude warmup steps (compilation, allocator growth); each figure is the median of `repeats`
-timed runs, with the device synchronized before reading the clock.
+timed runs, with the device synchronized before reading the clock. MFU (model FLOPs utilisation: nanoGPT's
+count of training FLOPs per token times tokens/s, over a peak) is against the GPU's datasheet peak on CUDA and,
+on a CPU, against the machine's own dense-matmul peak, measured here at the same threads and dtype.
 """
 import os
 import statistics
@@ -40,6 +42,7 @@ steps = 20                 # timed training steps per repeat
 repeats = 3
 sample_batch = 10          # sampling: sequences drawn as one batch
 sample_tokens = 200        # new tokens per sequence
+peak_size = 2048           # CPU: n of the n x n matmul that measures the machine's own peak, MFU's yardstick (0: skip)
 seed = 1337
 # -----------------------------------------------------------------------------
 from common import check_settings, fail, seed_everything, setup_device
@@ -47,7 +50,7 @@ from configurator import apply_config
 apply_config(globals(), foreign_files=True)  # train.py's config files: their model's shape; the rest is skipped
 check_settings(globals(), positive=('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'vocab_size', 'steps',
                                     'repeats', 'sample_batch', 'sample_tokens'),
-               non_negative=('warmup',), fractions=('dropout',),
+               non_negative=('warmup', 'peak_size'), fractions=('dropout',),
                choices={'pos_emb': ('learned', 'rope'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
 if n_embd % n_head:
     fail(f"n_head must divide n_embd; got n_embd={n_embd}, n_head={n_head}")
@@ -60,6 +63,30 @@ use_compile = device_type == 'cuda' if compile is None else compile
 def sync():
     if device_type == 'cuda':
         torch.cuda.synchronize()
+
+
+def cpu_has_bf16():
+    """Whether the CPU multiplies bf16 in hardware (AVX512_BF16 or AMX): elsewhere bf16 is emulated, and slow."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = set(next(line for line in f if line.startswith('flags')).split())
+    except (OSError, StopIteration):
+        return False
+    return bool(flags & {'avx512_bf16', 'amx_bf16'})
+
+
+def matmul_peak(n, dtype, repeats=5):
+    """The machine's own dense-matmul limit at the threads in use: FLOP/s of the best of `repeats` timed
+    (n x n) @ (n x n) products, 2 n^3 FLOPs each. On a CPU, which has no datasheet number to hand, this is MFU's
+    yardstick (a GPU's is its datasheet peak, model.peak_flops)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm up: threads, caches, the kernel's first-call setup
+    best = float('inf')
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
 
 
 if real_data:
@@ -105,7 +132,12 @@ for r in range(repeats):
     times.append((time.time() - t0) / steps)
 dt = statistics.median(times)
 tok_s = batch_size * block_size / dt
-mfu = model.estimate_mfu(tok_s, device)
+peaks = {}  # CPU: the machine's own matmul peak per dtype, measured here; MFU against the one training used
+if device_type == 'cpu' and peak_size:
+    peaks = {'float32': matmul_peak(peak_size, torch.float32)}
+    if cpu_has_bf16():
+        peaks['bfloat16'] = matmul_peak(peak_size, torch.bfloat16)
+mfu = model.estimate_mfu(tok_s, device, peak=peaks.get(dtype))
 
 # sampling: one batch of sample_batch sequences, sample_tokens new tokens each (capped by block_size)
 model.eval()
@@ -127,7 +159,11 @@ for use_cache in (True, False):
 name = torch.cuda.get_device_name() if device_type == 'cuda' else f'cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)'
 print(f"\n{name}, {dtype}, compile={use_compile}, {model.get_num_params() / 1e6:.2f}M parameters")
 print("| what | result |\n|---|---|")
-print(f"| training, batch {batch_size} x {block_size} | {dt * 1000:.1f} ms/iter, {tok_s:,.0f} tokens/s"
-      + (f", MFU {mfu * 100:.1f}%" if mfu is not None else "") + " |")
+for name, flops in peaks.items():
+    print(f"| matmul peak, {name}, {peak_size} x {peak_size}, {torch.get_num_threads()} threads | "
+          f"{flops / 1e9:.1f} GFLOP/s |")
+print(f"| training, batch {batch_size} x {block_size} | {dt * 1000:.1f} ms/iter, {tok_s:,.0f} tokens/s, "
+      f"{model.flops_per_token() * tok_s / 1e9:.1f} GFLOP/s" + (f", MFU {mfu * 100:.1f}%" if mfu is not None else "")
+      + (f" of the {dtype} matmul peak" if dtype in peaks else "") + " |")
 print(f"| sampling {sample_batch} x {n_new} tokens, KV cache | {sample_rates[True]:,.0f} tokens/s |")
 print(f"| sampling {sample_batch} x {n_new} tokens, no cache (reference) | {sample_rates[False]:,.0f} tokens/s |")

@@ -413,9 +413,10 @@ class GPT(nn.Module):
         cfg = self.config
         return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
-    def estimate_mfu(self, tokens_per_second, device):
-        """Model FLOPs utilisation: achieved training FLOP/s over the device's dense bf16 peak (None if unknown)."""
-        peak = peak_flops(device)
+    def estimate_mfu(self, tokens_per_second, device, peak=None):
+        """Model FLOPs utilisation: achieved training FLOP/s over a peak: the one given (bench.py measures a CPU's
+        own), else the GPU's dense bf16 datasheet peak (None if unknown)."""
+        peak = peak or peak_flops(device)
         return None if peak is None else self.flops_per_token() * tokens_per_second / peak
 
 

@@ -180,3 +180,21 @@ def test_bench_loads_a_train_config_for_its_shape():
              '--batch_size=2', '--warmup=0', '--steps=1', '--repeats=1', '--sample_batch=1', '--sample_tokens=2',
              '--compile=False'], timeout=300)
     assert f"{expected / 1e6:.2f}M parameters" in p.stdout
+
+
+def test_bench_reports_mfu_against_the_measured_cpu_peak():
+    """On CPU bench.py measures the machine's own fp32 matmul peak and gives MFU against it: the printed training
+    GFLOP/s is nanoGPT's count (6N + 12 L d T per token, from the model built here) times the printed tokens/s,
+    and the MFU is that over the printed peak."""
+    import re
+    from model import GPT, GPTConfig
+    p = run(['bench.py', '--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=64', '--block_size=64',
+             '--vocab_size=256', '--batch_size=4', '--warmup=1', '--steps=2', '--repeats=1', '--sample_batch=1',
+             '--sample_tokens=2', '--peak_size=256', '--compile=False'], timeout=300)
+    peak = float(re.search(r"matmul peak, float32, 256 x 256, \d+ threads \| ([\d.]+) GFLOP/s", p.stdout).group(1))
+    tok_s, gflops, mfu = re.search(r"([\d,]+) tokens/s, ([\d.]+) GFLOP/s, MFU ([\d.]+)% of the float32 matmul peak",
+                                   p.stdout).groups()
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=256))
+    assert float(gflops) == pytest.approx(model.flops_per_token() * float(tok_s.replace(',', '')) / 1e9, rel=0.01,
+                                          abs=0.06)
+    assert float(mfu) == pytest.approx(100 * float(gflops) / peak, rel=0.02, abs=0.06)

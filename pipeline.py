@@ -297,7 +297,9 @@ def overoptimization_text(best_of_n, runs):
                      f"{last['score']:+.3f} at the same points: {reading}.")
     if len(best_of_n) > 1:
         a, b = best_of_n[0], best_of_n[-1]
+        peak = max(best_of_n, key=lambda c: c['gold_accuracy'])
         lines.append(f"Best-of-n by the reward model: gold accuracy {pct(a['gold_accuracy'])} at n = {a['n']}, "
+                     f"highest {pct(peak['gold_accuracy'])} at n = {peak['n']} (KL {peak['kl']:.2f}), "
                      f"{pct(b['gold_accuracy'])} at n = {b['n']} (KL {b['kl']:.2f}).")
     return ' '.join(lines)
 

@@ -245,7 +245,8 @@ def test_overoptimization_text_reads_the_points():
             'B': [pt(0, 0.30, 0.0), pt(0.3, 0.35, 0.1), pt(0.6, 0.38, 0.3)],   # still climbing at the end
             'C': [pt(0, 0.30, 0.0), pt(0.5, 0.40, 0.5), pt(1.0, 0.20, 0.1)],   # both fell
             'D': [pt(0, 0.30, 0.0)]}                                            # one point: nothing to say
-    best = [dict(n=1, kl=0.0, gold_accuracy=0.3), dict(n=64, kl=3.16, gold_accuracy=0.55)]
+    best = [dict(n=1, kl=0.0, gold_accuracy=0.3), dict(n=16, kl=1.84, gold_accuracy=0.6),
+            dict(n=64, kl=3.16, gold_accuracy=0.55)]
     text = overoptimization_text(best, runs)
     a, b, c = (text[text.index(k + ':'):] for k in 'ABC')
     assert a.startswith('A: gold accuracy 30.0% at the start, highest 40.0% at KL 0.50, 33.0% at the end (KL 2.00); '
@@ -255,4 +256,5 @@ def test_overoptimization_text_reads_the_points():
     assert 'no over-optimization in this range' in b.split('C:')[0]
     assert 'both fell after the peak' in c.split('Best-of-n')[0]
     assert 'D:' not in text
-    assert text.endswith('Best-of-n by the reward model: gold accuracy 30.0% at n = 1, 55.0% at n = 64 (KL 3.16).')
+    assert text.endswith('Best-of-n by the reward model: gold accuracy 30.0% at n = 1, highest 60.0% at n = 16 '
+                         '(KL 1.84), 55.0% at n = 64 (KL 3.16).')

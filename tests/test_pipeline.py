@@ -237,6 +237,14 @@ def test_rl_method_names_what_ppo_ran(config, expected):
     assert (m['algorithm'], m['baseline'], m['reward']) == expected
 
 
+def test_the_shipped_grpo_config_is_named_grpo():
+    """config/grpo_tasks_gold.py (the group-relative run of docs/experiments.md) is what the card would call it."""
+    config = runpy.run_path(str(ROOT / 'config' / 'grpo_tasks_gold.py'))
+    m = rl_method(config)
+    assert (m['algorithm'], m['baseline'], m['reward']) == ('grpo', 'group', 'checker')
+    assert config['push_down'] and config['batch_size'] % config['minibatch_size'] == config['minibatch_size'] % config['group_size'] == 0
+
+
 def test_overoptimization_text_reads_the_points():
     """The report's over-optimization sentences come from the plot's points: where the gold accuracy peaked and
     ended, the proxy there, and which of the three readings the numbers support."""

@@ -210,7 +210,7 @@ def evaluate_models(run_dir, data_dir, n_examples=5):
     order (so the numbers compare exactly); whether each reply was right (for the paired test); the reward
     model's mean score of those replies (standardised as PPO sees it: the proxy next to the truth); and each
     model's reply to the same few prompts; and KL(model || SFT) on the val prompts, one estimator for every
-    row (rl.sampled_kl: a reply sampled at temperature 1, at most 16 tokens, the log-ratio summed over it)."""
+    row (rl.sampled_kl: a reply sampled at temperature 1, at most KL_TOKENS, the log-ratio summed over it)."""
     import torch
     from model import model_from_checkpoint
     from rl import sampled_kl
@@ -228,8 +228,8 @@ def evaluate_models(run_dir, data_dir, n_examples=5):
     for i, (name, path) in enumerate(MODELS.items()):
         model, meta = model_from_checkpoint(os.path.join(run_dir, path), dev)
         tokenizer = load_tokenizer(meta['data_meta'])
-        kl = None
-        if name != 'base':  # the base model is not a chat model: its replies are not what the others' are
+        kl = 0.0 if name == 'SFT' else None  # SFT is the reference; the base model is not a chat model
+        if name not in ('base', 'SFT'):
             prompts = [render_prompt([{'role': 'user', 'content': t['prompt']}], tokenizer)
                        [-(model.config.block_size - KL_TOKENS - 1):] for t in val_tasks]
             kl = sampled_kl(model, sft, prompts, KL_TOKENS, chat_ids(tokenizer)[2],
@@ -277,7 +277,8 @@ def method_label(name, m):
 def overoptimization_text(best_of_n, runs):
     """What the over-optimization plot shows, in sentences read from its points: for each run (label: its
     evaluations' sampled replies, in order), where the gold accuracy started, peaked and ended, at what KL, and
-    the reward model's score at the same three points; then which reading they support; and best-of-n's ends."""
+    the reward model's score at the same three points; then which reading they support; and best-of-n's ends and
+    peak."""
     pct = lambda x: f"{100 * x:.1f}%"
     lines = []
     for label, points in runs.items():

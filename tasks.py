@@ -15,7 +15,7 @@ import os
 import torch
 
 from download import download
-from model import CheckpointError, model_from_checkpoint, pad_batch
+from model import model_from_checkpoint, pad_batch
 from tokenizer import CHAT_TOKENS, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -40,7 +40,7 @@ def load_chat_model(path, device):
         model, meta = model_from_checkpoint(path, device)
         tokenizer = load_tokenizer(meta['data_meta'])
         chat_ids(tokenizer)
-    except (CheckpointError, ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError) as e:  # model.CheckpointError is a ValueError
         fail(str(e))
     return model, meta, tokenizer
 

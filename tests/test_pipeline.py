@@ -91,8 +91,8 @@ def test_every_stage_runs_and_writes_its_outputs(smoke_run):
     assert strip(logs['ppo_nokl'], ('--out_dir', '--kl_coef', '--kl_target', '--eval_interval')) == \
         strip(logs['ppo'], ('--out_dir', '--eval_interval'))
     assert strip(logs['ppo_shuffled'], ('--out_dir', '--reward_model')) == strip(logs['ppo'], ('--out_dir', '--reward_model'))
-    # one KL estimator for every row (pipeline.evaluate_models: rl.sampled_kl on the val prompts); SFT against
-    # itself is exactly 0, and the method records carry the same numbers
+    # one KL estimator for every row (pipeline.evaluate_models: rl.sampled_kl on the val prompts; SFT is the
+    # reference), and the method records carry the same numbers
     assert m['base']['kl'] is None and card['kl_to_sft']['base'] is None and card['kl_to_sft']['SFT'] == 0.0
     assert all(m[k]['kl'] == card['kl_to_sft'][k] for k in m if k not in ('base', 'SFT'))
     assert 'KL to SFT, nats/reply (sampled at T = 1, val)' in report

@@ -39,6 +39,12 @@ def test_the_recipe_each_stage_beats_the_one_before(cpu_run):
     assert acc['PPO, shuffled reward'] <= acc['SFT'] + 0.01, acc
     assert card['val_accuracy']['PPO, shuffled reward']['all'] <= card['val_accuracy']['SFT']['all'] + 0.01
     assert 0.4 < card['reward_shuffled']['pair_accuracy'] < 0.6, card['reward_shuffled']
+    # with margins (issue 37, step 4): DPO at least 2 points over SFT on test and val, McNemar p < 0.01 on both
+    # (Intel Xeon: + 5.5 test, p = 7e-10; + 6.7 val). The learned-reward PPO row is not held to this yet: + 2.2
+    # test at p = 0.03 on the Xeon (docs/experiments.md, "RL with the learned reward: baselines")
+    assert acc['DPO'] >= acc['SFT'] + 0.02 and card['paired_vs_sft']['DPO']['p'] < 0.01, card['paired_vs_sft']
+    assert (card['val_accuracy']['DPO']['all'] >= card['val_accuracy']['SFT']['all'] + 0.02
+            and card['paired_vs_sft_val']['DPO']['p'] < 0.01), card['paired_vs_sft_val']
     # the paired test agrees with the ordering: more prompts fixed than broken
     for name in ('DPO', 'PPO', 'PPO-gold'):
         assert card['paired_vs_sft'][name]['fixed'] > card['paired_vs_sft'][name]['broken'], name

@@ -57,6 +57,9 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0             # 0 disables clipping
+muon = False                # True: Muon (muon.py) for the matrices inside the blocks, AdamW for the rest
+muon_lr = 0.02              # Muon's peak learning rate (the schedule scales it as it scales learning_rate)
+muon_momentum = 0.95
 # learning rate schedule: linear warmup, then cosine decay to min_lr
 decay_lr = True
 warmup_iters = 2000
@@ -94,8 +97,9 @@ if init_from == 'resume':  # read the checkpoint now (on the CPU): a bad one is 
         fail(f"init_from='resume': {os.path.join(out_dir, 'ckpt.pt')} is not a train.py checkpoint")
 check_settings(globals(), positive=('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
                                     'eval_iters', 'log_interval', 'n_layer', 'n_head', 'n_embd', 'learning_rate'),
-               non_negative=('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay', 'grad_clip'),
-               fractions=('dropout', 'beta1', 'beta2'), choices={'pos_emb': ('learned', 'rope')})
+               non_negative=('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay', 'grad_clip',
+                             'muon_lr'),
+               fractions=('dropout', 'beta1', 'beta2', 'muon_momentum'), choices={'pos_emb': ('learned', 'rope')})
 if n_embd % n_head or (pos_emb == 'rope' and (n_embd // n_head) % 2):
     fail(f"n_head must divide n_embd into heads of equal (and, with rope, even) width; got n_embd={n_embd}, "
          f"n_head={n_head}")
@@ -209,7 +213,8 @@ if master_process:
 
 # fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 do not
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
+                                       muon_lr=muon_lr if muon else None, muon_momentum=muon_momentum)
 if ckpt is not None:
     optimizer.load_state_dict(ckpt['optimizer'])
     if 'scaler' in ckpt:
@@ -324,8 +329,8 @@ steps_since_log, t_log = 0, time.time()
 t_start = time.time()  # for the time left (evaluations included)
 while True:
     lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr) if decay_lr else learning_rate
-    for group in optimizer.param_groups:
-        group['lr'] = lr
+    for group in optimizer.param_groups:  # each group at its own peak (Muon's and AdamW's), on one schedule
+        group['lr'] = lr * group.get('base_lr', learning_rate) / learning_rate
 
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         t_eval = time.time()

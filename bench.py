@@ -42,6 +42,8 @@ steps = 20                 # timed training steps per repeat
 repeats = 3
 sample_batch = 10          # sampling: sequences drawn as one batch
 sample_tokens = 200        # new tokens per sequence
+muon = False               # True: Muon for the hidden matrices (train.py's --muon), AdamW for the rest
+muon_lr = 0.02
 peak_size = 2048           # CPU: n of the n x n matmul that measures the machine's own peak, MFU's yardstick (0: skip)
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -110,11 +112,11 @@ def get_batch(rng):
 
 model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
                       n_embd=n_embd, dropout=dropout, bias=bias, pos_emb=pos_emb)).to(device)
-optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
+optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type, muon_lr=muon_lr if muon else None)
 train_model = torch.compile(model) if use_compile else model
 rng = np.random.default_rng(seed)
 
-# training: forward, backward, clip, AdamW step
+# training: forward, backward, clip, AdamW (or Muon) step
 times = []
 for r in range(repeats):
     for i in range(warmup + steps if r == 0 else steps):
@@ -162,7 +164,8 @@ print("| what | result |\n|---|---|")
 for name, flops in peaks.items():
     print(f"| matmul peak, {name}, {peak_size} x {peak_size}, {torch.get_num_threads()} threads | "
           f"{flops / 1e9:.1f} GFLOP/s |")
-print(f"| training, batch {batch_size} x {block_size} | {dt * 1000:.1f} ms/iter, {tok_s:,.0f} tokens/s, "
+print(f"| training ({'Muon + AdamW' if muon else 'AdamW'}), batch {batch_size} x {block_size} | "
+      f"{dt * 1000:.1f} ms/iter, {tok_s:,.0f} tokens/s, "
       f"{model.flops_per_token() * tok_s / 1e9:.1f} GFLOP/s" + (f", MFU {mfu * 100:.1f}%" if mfu is not None else "")
       + (f" of the {dtype} matmul peak" if dtype in peaks else "") + " |")
 print(f"| sampling {sample_batch} x {n_new} tokens, KV cache | {sample_rates[True]:,.0f} tokens/s |")

@@ -329,8 +329,8 @@ steps_since_log, t_log = 0, time.time()
 t_start = time.time()  # for the time left (evaluations included)
 while True:
     lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr) if decay_lr else learning_rate
-    for group in optimizer.param_groups:  # each group at its own peak (Muon's and AdamW's), on one schedule
-        group['lr'] = lr * group.get('base_lr', learning_rate) / learning_rate
+    for group in optimizer.param_groups:  # with Muon each group at its own peak (base_lr), on one schedule
+        group['lr'] = lr * group['base_lr'] / learning_rate if 'base_lr' in group else lr
 
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         t_eval = time.time()

@@ -1,10 +1,12 @@
 """Muon (muon.py) against the maths written out slowly: Newton-Schulz acts on each singular value alone, the
 optimizer's two rules against a hand-written step and torch's AdamW, the parameter split, and train.py's resume."""
+import runpy
+
 import pytest
 import torch
 
 import model as M
-from conftest import per_iter, read_metrics, run, train_args
+from conftest import ROOT, per_iter, read_metrics, run, train_args
 from muon import NS_COEFFS, MuonWithAdamW, newton_schulz
 from test_model import tiny
 
@@ -84,3 +86,13 @@ def test_train_with_muon_resumes_exactly(char_data, tmp_path):
     assert per_iter(read_metrics(tmp_path / 'a'), 'loss') == per_iter(read_metrics(tmp_path / 'b'), 'loss')
     groups = wa['optimizer']['param_groups']
     assert groups[0]['use_muon'] and groups[0]['lr'] / groups[1]['lr'] == pytest.approx(0.03 / groups[1]['base_lr'])
+
+
+def test_the_muon_chat_base_is_the_chat_base_but_the_optimizer_and_length():
+    """config/chat_base_muon.py may differ from config/chat_base.py only in what its comment says it changes."""
+    base = {k: v for k, v in runpy.run_path(str(ROOT / 'config' / 'chat_base.py')).items() if not k.startswith('__')}
+    muon = {k: v for k, v in runpy.run_path(str(ROOT / 'config' / 'chat_base_muon.py')).items()
+            if not k.startswith('__')}
+    changed = {k for k in base.keys() | muon.keys() if base.get(k) != muon.get(k)}
+    assert changed == {'out_dir', 'muon', 'muon_lr', 'max_iters', 'lr_decay_iters'}, changed
+    assert muon['muon'] and muon['max_iters'] <= 0.6 * base['max_iters']

@@ -94,5 +94,5 @@ def test_the_muon_chat_base_is_the_chat_base_but_the_optimizer_and_length():
     muon = {k: v for k, v in runpy.run_path(str(ROOT / 'config' / 'chat_base_muon.py')).items()
             if not k.startswith('__')}
     changed = {k for k in base.keys() | muon.keys() if base.get(k) != muon.get(k)}
-    assert changed == {'out_dir', 'muon', 'muon_lr', 'max_iters', 'lr_decay_iters'}, changed
+    assert changed == {'out_dir', 'muon', 'muon_lr', 'learning_rate', 'min_lr', 'max_iters', 'lr_decay_iters'}, changed
     assert muon['muon'] and muon['max_iters'] <= 0.6 * base['max_iters']

@@ -403,17 +403,17 @@ class GPT(nn.Module):
         # rows_only (see train_token_rows): weight decay would shrink the frozen rows too
         decay = [p for p in params if p.dim() >= 2 and not hasattr(p, 'rows_only')]
         no_decay = [p for p in params if p.dim() < 2 or hasattr(p, 'rows_only')]
+        if muon_lr is not None:  # each group keeps its peak in base_lr: train.py's schedule scales them alike
+            hidden = {id(p) for block in self.transformer.h for p in block.parameters() if p.dim() == 2}
+            return MuonWithAdamW([
+                {'params': [p for p in decay if id(p) in hidden], 'weight_decay': weight_decay, 'use_muon': True,
+                 'lr': muon_lr, 'base_lr': muon_lr},
+                {'params': [p for p in decay if id(p) not in hidden], 'weight_decay': weight_decay,
+                 'base_lr': learning_rate},
+                {'params': no_decay, 'weight_decay': 0.0, 'base_lr': learning_rate}],
+                lr=learning_rate, betas=betas, momentum=muon_momentum)
         groups = [{'params': decay, 'weight_decay': weight_decay},
                   {'params': no_decay, 'weight_decay': 0.0}]
-        if muon_lr is not None:
-            hidden = {id(p) for block in self.transformer.h for p in block.parameters() if p.dim() == 2}
-            muon = [p for p in decay if id(p) in hidden]
-            groups = [{'params': muon, 'weight_decay': weight_decay, 'use_muon': True, 'lr': muon_lr,
-                       'base_lr': muon_lr},
-                      {'params': [p for p in decay if id(p) not in hidden], 'weight_decay': weight_decay,
-                       'base_lr': learning_rate},
-                      {'params': no_decay, 'weight_decay': 0.0, 'base_lr': learning_rate}]
-            return MuonWithAdamW(groups, lr=learning_rate, betas=betas, momentum=muon_momentum)
         # the fused kernel updates all parameters in one launch instead of several per parameter
         fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))

@@ -75,11 +75,11 @@ class MuonWithAdamW(torch.optim.Optimizer):
                                          group['ns_steps'])
                 else:
                     if not state:
-                        state['step'] = torch.zeros(())
+                        state['step'] = 0
                         state['exp_avg'] = torch.zeros_like(p)
                         state['exp_avg_sq'] = torch.zeros_like(p)
                     state['step'] += 1
-                    update = adam_update(p.grad, state['exp_avg'], state['exp_avg_sq'], state['step'].item(),
+                    update = adam_update(p.grad, state['exp_avg'], state['exp_avg_sq'], state['step'],
                                          group['betas'], group['eps'])
                 p.mul_(1 - lr * wd)
                 p.add_(update, alpha=-lr)

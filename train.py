@@ -11,6 +11,7 @@ Every batch is a pure function of (seed, iteration, micro-step), so a resumed ru
 batches the uninterrupted run would have, and any split of the global batch over processes and
 accumulation steps sees the same data.
 """
+import gc
 import json
 import math
 import os
@@ -400,7 +401,11 @@ if eval_full_at_end and not eval_only:
         print(f"final, over the whole val split: {text}")
         log_metrics({'iter': iter_num, 'full_val_loss': val, **extra})
 if ddp:
-    # Wait for every process before tearing the group down: a process that leaves while gloo's worker threads
-    # still hold another's last collective can abort at exit ("terminate called without an active exception").
+    # Wait for every process, then free the DDP wrapper (its reducer holds the process group) before tearing the
+    # group down, so gloo's threads are joined now and not at interpreter exit, where they can abort the process
+    # ("terminate called without an active exception", CI 2026-12-07) after every result has been written.
     dist.barrier()
+    del model
+    gc.collect()
     dist.destroy_process_group()
+    gc.collect()

@@ -55,13 +55,15 @@ def apply_rope(x, cos, sin):
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, so each new token costs one position
-    of compute instead of re-running the whole context. Buffers are allocated once, at full length."""
+    of compute instead of re-running the whole context. Buffers are allocated once, at the length needed."""
 
     def __init__(self, batch_size, max_len, config):
         self.batch_size, self.max_len, self.config = batch_size, max_len, config
         self.k = [None] * config.n_layer
         self.v = [None] * config.n_layer
         self.length = 0  # tokens already in the cache
+        self.pos_offset = torch.zeros(batch_size, dtype=torch.long)  # per row: slot j holds position j + offset
+        self.pad = None  # (B, slots) True at left-padding, if any
 
     def update(self, layer, k, v):
         """Write this forward pass's k, v (B, nh, T, hd) after the cached ones; return all of them."""
@@ -74,6 +76,21 @@ class KVCache:
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def keep_rows(self, rows):
+        """Keep only these batch rows (a LongTensor of row indices), e.g. the sequences that have not finished:
+        the tokens so far are copied into buffers of the smaller batch, so later steps compute nothing for
+        the rows dropped."""
+        for kv in (self.k, self.v):
+            for layer, buf in enumerate(kv):
+                if buf is not None:
+                    new = buf.new_empty((len(rows),) + buf.shape[1:])
+                    new[:, :, :self.length] = buf[rows, :, :self.length]
+                    kv[layer] = new
+        self.batch_size = len(rows)
+        self.pos_offset = self.pos_offset[rows]
+        if self.pad is not None:
+            self.pad = self.pad[rows]
 
 
 class CausalSelfAttention(nn.Module):
@@ -255,7 +272,9 @@ class GPT(nn.Module):
                         stop_token=None, generator=None, use_cache=True, vocab_limit=None):
         """Yield, per step, a list with each row's new token (None once a row has emitted stop_token).
 
-        use_cache=False is the slow, obviously-correct path: every step re-runs each row's whole context
+        Each step runs only the rows still going: a row that has emitted stop_token leaves the batch (and the
+        next token of the live rows is drawn in one sample over them alone).
+        use_cache=False is the slow, obviously-correct path: every step re-runs each live row's whole context
         (its last block_size tokens) on its own. The cached path must give exactly the same tokens.
         """
         if torch.is_tensor(prompts):
@@ -263,54 +282,59 @@ class GPT(nn.Module):
         seqs = [list(p) for p in prompts]
         assert all(len(s) > 0 for s in seqs), "every prompt needs at least one token"
         B, device = len(seqs), self.lm_head.weight.device
-        bs = self.config.block_size
-        ctx = bs - self.config.n_prefix  # tokens that fit after a prompt-tuning prefix
-        done = [False] * B
+        ctx = self.config.block_size - self.config.n_prefix  # tokens that fit after a prompt-tuning prefix
+        live = list(range(B))  # the rows still generating; row j of the cache is row live[j]
         cache = None
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             if not use_cache:
-                logits = torch.cat([self(torch.tensor([s[-ctx:]], device=device))[0][:, -1] for s in seqs])
-            elif cache is None or cache.length == bs:
+                logits = torch.cat([self(torch.tensor([seqs[i][-ctx:]], device=device))[0][:, -1] for i in live])
+            elif cache is None or cache.length == cache.max_len:
                 # Prefill (or re-fill). With learned positions the cache cannot slide: once a sequence
                 # outgrows block_size, each token's position changes every step, so we recompute the
                 # last block_size tokens from scratch rather than produce silently wrong tokens.
-                cache, logits = self._prefill([s[-ctx:] for s in seqs])
+                cache, logits = self._prefill([seqs[i][-ctx:] for i in live], max_new_tokens - step)
             else:
-                # one new token per row; left-padding (see _prefill) must stay masked out
-                idx = torch.tensor([[s[-1]] for s in seqs], device=device)
-                pos = (cache.pos_offset + cache.length).clamp(min=0).unsqueeze(1)
-                mask = None
-                if cache.pad is not None:
-                    mask = torch.ones(B, 1, 1, cache.length + 1, dtype=torch.bool, device=device)
-                    mask[:, 0, 0, :cache.pad.size(1)] = ~cache.pad
-                logits = self.lm_head(self.hidden_states(idx, pos, cache, mask))[:, -1]
+                logits = self._decode_step(cache, torch.tensor([[seqs[i][-1]] for i in live], device=device))
             next_tokens = sample_next(logits.float(), temperature, top_k, top_p, generator, vocab_limit).tolist()
-            out = []
-            for i, tok in enumerate(next_tokens):
-                if done[i]:
-                    out.append(None)
-                    tok = stop_token
-                elif stop_token is not None and tok == stop_token:
-                    done[i] = True
-                    out.append(None)
-                else:
-                    out.append(tok)
-                seqs[i].append(tok)
+            out = [None] * B
+            keep = []  # cache rows of the rows that go on
+            for j, (i, tok) in enumerate(zip(live, next_tokens)):
+                if stop_token is None or tok != stop_token:
+                    out[i] = tok
+                    seqs[i].append(tok)
+                    keep.append(j)
             yield out
-            if all(done):
+            if not keep:
                 return
+            if len(keep) < len(live):
+                live = [live[j] for j in keep]
+                if cache is not None:
+                    cache.keep_rows(torch.tensor(keep, device=device))
 
-    def _prefill(self, seqs):
+    def _decode_step(self, cache, idx):
+        """Logits (B, V) of one new token per row (idx: (B, 1)) after the cached ones; left-padding (see
+        _prefill) stays masked out."""
+        pos = (cache.pos_offset + cache.length).clamp(min=0).unsqueeze(1)
+        mask = None
+        if cache.pad is not None:
+            mask = torch.ones(idx.size(0), 1, 1, cache.length + 1, dtype=torch.bool, device=idx.device)
+            mask[:, 0, 0, :cache.pad.size(1)] = ~cache.pad
+        return self.lm_head(self.hidden_states(idx, pos, cache, mask))[:, -1]
+
+    def _prefill(self, seqs, max_new_tokens=None):
         """Run prompts of possibly different lengths as one batch. Shorter prompts are left-padded; each
         row's positions start at 0 at its first real token, and no query attends to a pad key, so every row
-        computes exactly what it would alone."""
+        computes exactly what it would alone. The cache holds block_size tokens, or only as many as the
+        prompts and max_new_tokens more need."""
         B, T, device = len(seqs), max(len(s) for s in seqs), self.lm_head.weight.device
         n_pad = torch.tensor([T - len(s) for s in seqs], device=device)
         idx = torch.tensor([[0] * (T - len(s)) + s for s in seqs], device=device)
-        cache = KVCache(B, self.config.block_size, self.config)
         P = self.config.n_prefix  # a prompt-tuning prefix fills the cache's first P slots (see hidden_states)
+        max_len = self.config.block_size
+        if max_new_tokens is not None:
+            max_len = min(max_len, P + T + max_new_tokens)
+        cache = KVCache(B, max_len, self.config)
         cache.pos_offset = -n_pad - P  # the token in cache slot j of row b is at position j - n_pad[b] - P
-        cache.pad = None
         mask = None
         if int(n_pad.max()) > 0:
             ar = torch.arange(T, device=device)

@@ -167,6 +167,35 @@ def test_stop_token_ends_rows():
     assert out[1] == row1
 
 
+@pytest.mark.parametrize('pos_emb', ['learned', 'rope'])
+def test_finished_rows_leave_the_batch_and_the_rest_is_unchanged(pos_emb):
+    """Rows that stop at different steps: the cached path (which drops finished rows and their cache) gives the
+    slow path's tokens, sampled or greedy; greedy in a batch gives each row's tokens alone; and after a row
+    stops, no later forward pass computes it."""
+    m = tiny(pos_emb)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12], [13], [20, 21], [30, 31, 32, 33]]
+    for temperature, stop in ((1.0, 3), (0, None)):
+        if stop is None:  # greedy: the token that ends the first row soonest, so the rows stop at different steps
+            greedy = m.generate(prompts, 30, temperature=0)
+            stop = min((r[2:] for r in greedy), key=lambda r: len(r))[0]
+        fast = m.generate(prompts, 30, temperature, stop_token=stop, generator=torch.Generator().manual_seed(5))
+        slow = m.generate(prompts, 30, temperature, stop_token=stop, generator=torch.Generator().manual_seed(5),
+                          use_cache=False)
+        assert fast == slow
+        lengths = sorted(len(r) for r in fast)
+        assert lengths[0] < lengths[-1]  # the rows stop at different steps
+        if temperature == 0:
+            assert fast == [m.generate([p], 30, temperature=0, stop_token=stop)[0] for p in prompts]
+    # the rows each forward pass computes: all five, then one fewer after each row's stop token
+    rows = []
+    hook = m.lm_head.register_forward_hook(lambda mod, inp, out: rows.append(out.size(0)))
+    out = m.generate(prompts, 30, temperature=0, stop_token=stop)
+    hook.remove()
+    live = [sum(len(r) >= t for r in out) for t in range(30)]  # rows still going at step t
+    assert rows == [n for n in live if n > 0][:len(rows)] and len(rows) == max(len(r) for r in out) + (
+        max(len(r) for r in out) < 30)
+
+
 def test_seeded_sampling_is_reproducible():
     m = tiny()
     a = m.generate([[1]] * 4, 10, 1.0, generator=torch.Generator().manual_seed(7))

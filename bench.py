@@ -6,6 +6,7 @@ context) for any model size, on synthetic or real data. Prints one summary table
     python bench.py config/shakespeare_cpu.py --device=cpu   # the CPU quickstart model
     python bench.py --real_data=True --dataset=shakespeare_char
     python bench.py config/chat_base.py --device=cpu --vocab_size=1028 --dtype=bfloat16   # or --compile=True
+    python bench.py --chat_model=runs/cpu/sft --data_dir=runs/cpu/data   # sampling replies as prefs and RL do
 
 Timings exclude warmup steps (compilation, allocator growth); each figure is the median of `repeats`
 timed runs, with the device synchronized before reading the clock. MFU (model FLOPs utilisation: nanoGPT's
@@ -45,13 +46,18 @@ sample_tokens = 200        # new tokens per sequence
 muon = False               # True: Muon for the hidden matrices (train.py's --muon), AdamW for the rest
 muon_lr = 0.02
 peak_size = 2048           # CPU: n of the n x n matmul that measures the machine's own peak, MFU's yardstick (0: skip)
+chat_model = ''            # a chat model (folder or checkpoint): time sampling replies to data_dir's task prompts
+chat_prompts = 512         # val task prompts sampled
+chat_samples = 8           # replies per prompt for preference pairs (prepare.py prefs), at temperature 1
+chat_batch = 256           # replies per batch for pairs (tasks.sample_replies); rollouts: 128 at 0.7 (ppo_tasks_gold)
 seed = 1337
 # -----------------------------------------------------------------------------
 from common import check_settings, fail, seed_everything, setup_device
 from configurator import apply_config
 apply_config(globals(), foreign_files=True)  # train.py's config files: their model's shape; the rest is skipped
 check_settings(globals(), positive=('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'vocab_size', 'steps',
-                                    'repeats', 'sample_batch', 'sample_tokens'),
+                                    'repeats', 'sample_batch', 'sample_tokens', 'chat_prompts', 'chat_samples',
+                                    'chat_batch'),
                non_negative=('warmup', 'peak_size'), fractions=('dropout',),
                choices={'pos_emb': ('learned', 'rope'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16')})
 if n_embd % n_head:
@@ -65,6 +71,82 @@ use_compile = device_type == 'cuda' if compile is None else compile
 def sync():
     if device_type == 'cuda':
         torch.cuda.synchronize()
+
+
+def timed(f):
+    """f's result and its median wall time over `repeats` runs."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        out = f()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times)
+
+
+def chat_sampling(max_new_tokens=16):
+    """Replies to the task suite's val prompts as the prefs stage samples them (chat_samples per prompt at
+    temperature 1, chat_batch at a time) and as RL's rollouts do (one per prompt at 0.7, 128 at a time, then the
+    log-probs pass), against the KV-cache path's own forward passes: the same batches, every row run to
+    max_new_tokens, nothing else (no sampling, no stopping). Rows of (what, replies/s, tokens/s, tokens/reply)."""
+    from rl import rollout
+    from tasks import chat_ids, load_chat_model, read_tasks, render_prompt
+    from model import find_model
+    model, _, tokenizer = load_chat_model(find_model(chat_model) or chat_model if os.path.isdir(chat_model)
+                                          else chat_model, device)
+    model.eval()
+    end, vocab = chat_ids(tokenizer)[2], tokenizer.n_vocab
+    tasks = read_tasks(data_dir, 'val')[:chat_prompts]
+    if not tasks:
+        fail(f"no task prompts in {data_dir}/tasks/val.jsonl: pass --data_dir=the recipe's data folder")
+    prompts = [render_prompt([{'role': 'user', 'content': t['prompt']}], tokenizer) for t in tasks]
+    pairs = [p for p in prompts for _ in range(chat_samples)]
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def sample_pairs():
+        return [r for i in range(0, len(pairs), chat_batch) for r in model.generate(
+            pairs[i:i + chat_batch], max_new_tokens, temperature=1.0, stop_token=end, generator=gen, vocab_limit=vocab)]
+
+    def rollouts():
+        return [rollout(model, prompts[i:i + 128], max_new_tokens, end, gen, vocab, temperature=0.7)['mask'].sum(1)
+                for i in range(0, len(prompts), 128)]
+
+    def forward_passes(seqs, batch):
+        for i in range(0, len(seqs), batch):
+            cache, _ = model._prefill(seqs[i:i + batch], max_new_tokens)
+            idx = torch.full((len(seqs[i:i + batch]), 1), end, device=device)
+            for _ in range(max_new_tokens - 1):
+                model._decode_step(cache, idx)
+
+    rows = []
+    with torch.no_grad(), ctx:
+        sample_pairs()  # warm up
+        replies, dt = timed(sample_pairs)
+        n_tok = sum(len(r) + (len(r) < max_new_tokens) for r in replies)  # the stop token is a token sampled
+        rows.append((f"pairs: {chat_samples} replies x {len(prompts)} prompts at T=1, batch {chat_batch}",
+                     len(replies) / dt, n_tok / dt, n_tok / len(replies)))
+        _, dt = timed(lambda: forward_passes(pairs, chat_batch))
+        rows.append((f"  its forward passes alone, every row to {max_new_tokens} tokens",
+                     len(pairs) / dt, len(pairs) * max_new_tokens / dt, max_new_tokens))
+        lengths, dt = timed(rollouts)
+        n_tok = int(torch.cat(lengths).sum())
+        rows.append((f"RL rollouts: 1 reply x {len(prompts)} prompts at T=0.7, batch 128, with the log-probs pass",
+                     len(prompts) / dt, n_tok / dt, n_tok / len(prompts)))
+        _, dt = timed(lambda: forward_passes(prompts, 128))
+        rows.append((f"  its forward passes alone, every row to {max_new_tokens} tokens",
+                     len(prompts) / dt, len(prompts) * max_new_tokens / dt, max_new_tokens))
+    return rows
+
+
+if chat_model:
+    chat_rows = chat_sampling()
+    name = torch.cuda.get_device_name() if device_type == 'cuda' else f'cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)'
+    print(f"\n{name}, {dtype}, chat model {chat_model}")
+    print("| sampling | replies/s | tokens/s | tokens/reply |\n|---|---|---|---|")
+    for what, rps, tps, tpr in chat_rows:
+        print(f"| {what} | {rps:,.0f} | {tps:,.0f} | {tpr:.1f} |")
+    raise SystemExit(0)
 
 
 def cpu_has_bf16():

@@ -472,8 +472,19 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
         remove = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already reaches p
         sorted_logits = sorted_logits.masked_fill(remove, float('-inf'))
         logits = torch.full_like(logits, float('-inf')).scatter(1, order, sorted_logits)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    return sample_from(F.softmax(logits, dim=-1), generator)
+
+
+def sample_from(probs, generator=None):
+    """One index per row of (B, V) probabilities by inverting the cumulative distribution: one uniform u per
+    row, the first index whose cumulative probability passes u. Exact, and on a CPU several times faster than
+    torch.multinomial, which spent a sixth of the sampler's time. The sums are in float64 so that rounding
+    cannot move mass between tokens, and a token of probability 0 is never picked."""
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(probs.size(0), 1, generator=generator, dtype=torch.float64, device=probs.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total, even after rounding
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)  # cdf[i-1] <= u < cdf[i], so probs[i] > 0
 
 
 def peak_flops(device):

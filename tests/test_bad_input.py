@@ -63,6 +63,7 @@ def bad_checkpoints(tmp_path_factory, char_ckpt):
     ('negative tokens, sample.py', ['sample.py', '--out_dir=BAD/evil', '--max_new_tokens=-3'],
      'max_new_tokens must be >= 0'),
     ('zero samples, bench.py', ['bench.py', '--repeats=0'], 'repeats must be > 0'),
+    ('no chat model, bench.py', ['bench.py', '--chat_model=BAD/never'], 'cannot read checkpoint'),
     ('a bad fraction, prepare.py', ['prepare.py', 'tasks', '--data_dir=BAD/never', '--val_fraction=2'],
      'val_fraction must be in [0, 1)'),
     ('a bad fraction, bpe.py', ['bpe.py', '--out=BAD/never/tok', '--val_fraction=1.5'], 'val_fraction must be in [0, 1)'),

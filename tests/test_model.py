@@ -16,7 +16,7 @@ import common as C
 import download as D
 import model as M
 from conftest import HF_TINY
-from model import GPT, GPTConfig, apply_rope, sample_next
+from model import GPT, GPTConfig, apply_rope, sample_from, sample_next
 
 
 def tiny(pos_emb='learned', **kw):
@@ -213,6 +213,21 @@ def test_top_k_top_p_keep_the_right_tokens():
     assert seen == {0, 1, 2}
     assert int(sample_next(logits, 0)) == 0
     assert int(sample_next(torch.tensor([[0.0, 1.0, 9.0]]), 0, vocab_limit=2)) == 1
+
+
+def test_sample_from_draws_each_token_with_its_probability():
+    """Inverse-CDF sampling against the exact distribution: over 200,000 draws each token's frequency is within
+    5 standard errors of its probability, and a token of probability 0 is never drawn (first, middle or last)."""
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.25, 0.125, 0.0, 0.0615, 0.001, 0.0625, 0.0])
+    probs = probs / probs.sum()
+    n = 200_000
+    idx = sample_from(probs.expand(n, -1), torch.Generator().manual_seed(0))
+    freq = torch.bincount(idx, minlength=len(probs)).double() / n
+    se = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert ((freq - probs.double()).abs() <= 5 * se).all()
+    assert freq[probs == 0].sum() == 0
+    one_hot = torch.eye(4)  # all the mass on one token, at either end too
+    assert sample_from(one_hot.repeat(1000, 1), torch.Generator().manual_seed(1)).tolist() == [0, 1, 2, 3] * 1000
 
 
 # -----------------------------------------------------------------------------

@@ -77,10 +77,10 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def keep_rows(self, rows):
-        """Keep only these batch rows (a LongTensor of row indices), e.g. the sequences that have not finished:
-        the tokens so far are copied into buffers of the smaller batch, so later steps compute nothing for
-        the rows dropped."""
+    def select_rows(self, rows):
+        """Make the batch these rows of the cache (a LongTensor of row indices, which may repeat): the tokens so
+        far are copied into new buffers. Dropping the sequences that have finished, later steps compute nothing
+        for them; repeating a row, one prompt's cache serves each of the replies sampled to it."""
         for kv in (self.k, self.v):
             for layer, buf in enumerate(kv):
                 if buf is not None:
@@ -309,7 +309,7 @@ class GPT(nn.Module):
             if len(keep) < len(live):
                 live = [live[j] for j in keep]
                 if cache is not None:
-                    cache.keep_rows(torch.tensor(keep, device=device))
+                    cache.select_rows(torch.tensor(keep, device=device))
 
     def _decode_step(self, cache, idx):
         """Logits (B, V) of one new token per row (idx: (B, 1)) after the cached ones; left-padding (see
@@ -325,8 +325,16 @@ class GPT(nn.Module):
         """Run prompts of possibly different lengths as one batch. Shorter prompts are left-padded; each
         row's positions start at 0 at its first real token, and no query attends to a pad key, so every row
         computes exactly what it would alone. The cache holds block_size tokens, or only as many as the
-        prompts and max_new_tokens more need."""
+        prompts and max_new_tokens more need. A prompt that appears several times (k replies sampled to each
+        prompt) is run once and its cache row copied."""
         B, T, device = len(seqs), max(len(s) for s in seqs), self.lm_head.weight.device
+        first = {}  # each distinct prompt -> its row in the batch actually run
+        copies = [first.setdefault(tuple(s), len(first)) for s in seqs]
+        if len(first) < B:
+            cache, logits = self._prefill([list(s) for s in first], max_new_tokens)
+            rows = torch.tensor(copies, device=device)
+            cache.select_rows(rows)
+            return cache, logits[rows]
         n_pad = torch.tensor([T - len(s) for s in seqs], device=device)
         idx = torch.tensor([[0] * (T - len(s)) + s for s in seqs], device=device)
         P = self.config.n_prefix  # a prompt-tuning prefix fills the cache's first P slots (see hidden_states)

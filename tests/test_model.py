@@ -196,6 +196,21 @@ def test_finished_rows_leave_the_batch_and_the_rest_is_unchanged(pos_emb):
         max(len(r) for r in out) < 30)
 
 
+@pytest.mark.parametrize('pos_emb', ['learned', 'rope'])
+def test_a_repeated_prompt_is_run_once_and_each_copy_samples_on_its_own(pos_emb):
+    """k replies to each of a few ragged prompts: the prompts are run once each (the first forward pass has one
+    row per distinct prompt), and the tokens are the slow path's, which runs every row on its own."""
+    m = tiny(pos_emb)
+    prompts = [p for p in ([1, 2, 3], [4, 5, 6, 7, 8, 9], [13]) for _ in range(4)]
+    rows = []
+    hook = m.lm_head.register_forward_hook(lambda mod, inp, out: rows.append(out.size(0)))
+    fast = m.generate(prompts, 20, 1.0, stop_token=3, generator=torch.Generator().manual_seed(2))
+    hook.remove()
+    slow = m.generate(prompts, 20, 1.0, stop_token=3, generator=torch.Generator().manual_seed(2), use_cache=False)
+    assert fast == slow and rows[0] == 3 and rows[1] == sum(len(r) > 0 for r in fast)
+    assert len({tuple(r) for r in fast}) > 3  # the copies of a prompt sample different replies
+
+
 def test_seeded_sampling_is_reproducible():
     m = tiny()
     a = m.generate([[1]] * 4, 10, 1.0, generator=torch.Generator().manual_seed(7))

@@ -88,11 +88,13 @@ def timed(f):
 def chat_sampling(max_new_tokens=16):
     """Replies to the task suite's val prompts as the prefs stage samples them (chat_samples per prompt at
     temperature 1, chat_batch at a time) and as RL's rollouts do (one per prompt at 0.7, 128 at a time, then the
-    log-probs pass), against the KV-cache path's own forward passes: the same batches, every row run to
-    max_new_tokens, nothing else (no sampling, no stopping). Rows of (what, replies/s, tokens/s, tokens/reply)."""
-    from rl import rollout
-    from tasks import chat_ids, load_chat_model, read_tasks, render_prompt
+    log-probs pass), each against its own forward passes replayed alone: the same batch shapes, step by step
+    (the distinct prompts, then the rows still going), through the KV cache, with nothing else: no sampling, no
+    per-token Python, no stopping. Their ratio is what the sampler adds to the model's own compute.
+    Rows of (what, replies/s, tokens/s, tokens/reply)."""
     from model import find_model
+    from rl import logprobs_and_entropy, rollout
+    from tasks import chat_ids, load_chat_model, read_tasks, render_prompt
     model, _, tokenizer = load_chat_model(find_model(chat_model) or chat_model if os.path.isdir(chat_model)
                                           else chat_model, device)
     model.eval()
@@ -103,39 +105,64 @@ def chat_sampling(max_new_tokens=16):
     prompts = [render_prompt([{'role': 'user', 'content': t['prompt']}], tokenizer) for t in tasks]
     pairs = [p for p in prompts for _ in range(chat_samples)]
     gen = torch.Generator(device=device).manual_seed(seed)
+    passes = []  # per batch: the rows of each generation step (an lm_head call each), then a rollout's idx
 
-    def sample_pairs():
-        return [r for i in range(0, len(pairs), chat_batch) for r in model.generate(
-            pairs[i:i + chat_batch], max_new_tokens, temperature=1.0, stop_token=end, generator=gen, vocab_limit=vocab)]
+    def sample_pairs(new_batch=lambda: None):
+        gen.manual_seed(seed)  # every timed run samples the same replies: the work the replay repeats
+        replies = []
+        for i in range(0, len(pairs), chat_batch):
+            new_batch()
+            replies += model.generate(pairs[i:i + chat_batch], max_new_tokens, temperature=1.0, stop_token=end,
+                                      generator=gen, vocab_limit=vocab)
+        return replies
 
-    def rollouts():
-        return [rollout(model, prompts[i:i + 128], max_new_tokens, end, gen, vocab, temperature=0.7)['mask'].sum(1)
+    def rollouts(new_batch=lambda: None):
+        gen.manual_seed(seed)
+        return [new_batch() or rollout(model, prompts[i:i + 128], max_new_tokens, end, gen, vocab, temperature=0.7)
                 for i in range(0, len(prompts), 128)]
 
-    def forward_passes(seqs, batch):
-        for i in range(0, len(seqs), batch):
-            cache, _ = model._prefill(seqs[i:i + batch], max_new_tokens)
-            idx = torch.full((len(seqs[i:i + batch]), 1), end, device=device)
-            for _ in range(max_new_tokens - 1):
-                model._decode_step(cache, idx)
+    def record(f):
+        """f() once, noting the rows of every generation step, batch by batch: the lm_head calls on one position
+        per row (the prefill's last, or a new token's), not the log-probs pass over whole sequences."""
+        passes.clear()
+
+        def note(module, inputs, out):
+            if out.dim() == 2 or out.size(1) == 1:
+                passes[-1].append(out.size(0))
+        hook = model.lm_head.register_forward_hook(note)
+        out = f(new_batch=lambda: passes.append([]))
+        hook.remove()
+        return out
+
+    def replay(seqs, batch, idxs=()):
+        """The recorded forward passes alone: each batch's prefill, then one step for each recorded row count
+        (the cache cut to that many rows when rows finished), then the log-probs pass over a rollout's idx."""
+        for b, steps in zip(range(0, len(seqs), batch), passes):
+            cache, _ = model._prefill(seqs[b:b + batch], max_new_tokens)
+            idx = torch.full((cache.batch_size, 1), end, device=device)
+            for n in steps[1:]:
+                if n < cache.batch_size:
+                    cache.select_rows(torch.arange(n, device=device))
+                model._decode_step(cache, idx[:n])
+        for idx in idxs:
+            logprobs_and_entropy(model, idx, vocab, 0.7)
 
     rows = []
     with torch.no_grad(), ctx:
-        sample_pairs()  # warm up
-        replies, dt = timed(sample_pairs)
+        replies = record(sample_pairs)  # also the warm-up
+        _, dt = timed(sample_pairs)
         n_tok = sum(len(r) + (len(r) < max_new_tokens) for r in replies)  # the stop token is a token sampled
         rows.append((f"pairs: {chat_samples} replies x {len(prompts)} prompts at T=1, batch {chat_batch}",
                      len(replies) / dt, n_tok / dt, n_tok / len(replies)))
-        _, dt = timed(lambda: forward_passes(pairs, chat_batch))
-        rows.append((f"  its forward passes alone, every row to {max_new_tokens} tokens",
-                     len(pairs) / dt, len(pairs) * max_new_tokens / dt, max_new_tokens))
-        lengths, dt = timed(rollouts)
-        n_tok = int(torch.cat(lengths).sum())
+        _, dt = timed(lambda: replay(pairs, chat_batch))
+        rows.append(("  its forward passes alone", len(replies) / dt, n_tok / dt, n_tok / len(replies)))
+        ros = record(rollouts)
+        _, dt = timed(rollouts)
+        n_tok = int(sum(ro['mask'].sum() for ro in ros))
         rows.append((f"RL rollouts: 1 reply x {len(prompts)} prompts at T=0.7, batch 128, with the log-probs pass",
                      len(prompts) / dt, n_tok / dt, n_tok / len(prompts)))
-        _, dt = timed(lambda: forward_passes(prompts, 128))
-        rows.append((f"  its forward passes alone, every row to {max_new_tokens} tokens",
-                     len(prompts) / dt, len(prompts) * max_new_tokens / dt, max_new_tokens))
+        _, dt = timed(lambda: replay(prompts, 128, [ro['idx'] for ro in ros]))
+        rows.append(("  its forward passes alone", len(prompts) / dt, n_tok / dt, n_tok / len(prompts)))
     return rows
 
 

@@ -1,0 +1,92 @@
+"""
+Quantization written out, the half of QLoRA (Dettmers et al. 2023) that is not LoRA: a frozen weight stored in
+4 bits per value with the NormalFloat-4 code, or in 8 bits; blockwise absmax scaling; double quantization of the
+scales; two 4-bit codes packed per byte.
+
+Blockwise absmax: the weight, flattened, is cut into blocks of `block` values (64 in the paper); each block is
+divided by its largest magnitude, so that it lies in [-1, 1], and each value is replaced by the index of the
+nearest of the code's values. One outlier then spoils only its own block. Dequantizing is a table lookup times
+the block's scale.
+"""
+import torch
+
+# NF4 as the paper publishes it (appendix E; bitsandbytes' table): the reference for nf4_code's test
+NF4_PUBLISHED = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                 -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                 0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                 0.7229568362236023, 1.0)
+
+
+def nf4_code():
+    """The 16 values of NormalFloat-4: quantiles of the standard normal, scaled to [-1, 1], with an exact zero.
+    Each half of the code gets equal probability mass of N(0, 1): 8 positive values from 9 evenly spaced
+    probabilities between 1/2 and 1 - delta (the one at 1/2 is the shared 0) and 7 negative ones from 8.
+    delta = (1/32 + 1/30) / 2 sits between the tails of a 16- and a 15-value code: the quantile at probability 1
+    would be infinite. Values are densest near 0, where normal weights (trained weights nearly are) are."""
+    top = 1 - 0.5 * (1 / 32 + 1 / 30)
+    positive = torch.special.ndtri(torch.linspace(top, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -torch.special.ndtri(torch.linspace(top, 0.5, 8, dtype=torch.float64)[:-1])
+    values = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
+    return (values / values.max()).float()
+
+
+def uniform4_code():
+    """A plain 4-bit code for comparison: 16 evenly spaced values over [-1, 1]."""
+    return torch.linspace(-1, 1, 16)
+
+
+def blocks(w, block):
+    if w.numel() % block:
+        raise ValueError(f"block size {block} does not divide the {w.numel()} values of a {tuple(w.shape)} tensor")
+    return w.reshape(-1, block).float()
+
+
+def quantize_blockwise(w, block=64, code=None):
+    """(codes, absmax): each block scaled into [-1, 1] by its absmax, then each value the index (uint8) of the
+    nearest value of `code` (NF4 or another 4-bit table), or, with code None, rounded to int8 (-127..127)."""
+    x = blocks(w, block)
+    absmax = x.abs().max(dim=1, keepdim=True).values
+    x = x / absmax.clamp(min=torch.finfo(torch.float32).tiny)  # an all-zero block stays zero
+    if code is None:
+        return torch.round(x * 127).to(torch.int8), absmax.squeeze(1)
+    midpoints = (code[1:] + code[:-1]) / 2  # x between two midpoints is nearest to the value between them
+    return torch.bucketize(x, midpoints).to(torch.uint8), absmax.squeeze(1)
+
+
+def dequantize_blockwise(codes, absmax, shape, code=None):
+    """The weight back: each code's value (or int8 / 127) times its block's absmax."""
+    x = code[codes.long()] if code is not None else codes.float() / 127
+    return (x * absmax.unsqueeze(1)).reshape(shape)
+
+
+def pack4(codes):
+    """Two 4-bit codes per byte, the first in the high half: n codes take n / 2 bytes."""
+    flat = codes.reshape(-1)
+    if flat.numel() % 2:
+        raise ValueError("pack4 needs an even number of codes")
+    return (flat[0::2] << 4) | flat[1::2]
+
+
+def unpack4(packed, shape):
+    return torch.stack([packed >> 4, packed & 15], dim=1).reshape(shape)
+
+
+def double_quantize(absmax, block=256):
+    """Double quantization: the fp32 block scales (one per 64 weights: 0.5 bits per weight) quantized in turn,
+    to int8 in blocks of 256 after subtracting their mean (they are all positive; centred, the int8 range is used
+    on both sides). Then 8 / 64 + 32 / (64 * 256) bits per weight: 0.127 instead of 0.5. (The paper uses 8-bit
+    floats for this second level; int8 with absmax takes the same bits.) Returns (codes, scales, mean)."""
+    mean = absmax.mean()
+    pad = (-absmax.numel()) % block  # the last block padded with the mean (zero after centring)
+    centred = torch.cat([absmax - mean, absmax.new_zeros(pad)])
+    codes, scales = quantize_blockwise(centred, block)
+    return codes, scales, mean
+
+
+def double_dequantize(codes, scales, mean, n):
+    return dequantize_blockwise(codes, scales, (-1,))[:n] + mean
+
+
+def bits_per_weight(block=64, double=False, block2=256, code_bits=4):
+    """Storage per weight: the code, plus the scales (fp32 per block, or int8 per block and fp32 per 256 blocks)."""
+    return code_bits + (8 / block + 32 / (block * block2) if double else 32 / block)

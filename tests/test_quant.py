@@ -1,0 +1,80 @@
+"""quant.py: NF4 against the paper's table, blockwise round trips within half a step of the code, NF4 against a
+uniform 4-bit code on normal weights (the paper's argument, measured), packing, double quantization."""
+import pytest
+import torch
+
+from quant import (NF4_PUBLISHED, bits_per_weight, dequantize_blockwise, double_dequantize, double_quantize,
+                   nf4_code, pack4, quantize_blockwise, uniform4_code, unpack4)
+
+
+def normal_weights(shape=(256, 128), seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_nf4_is_the_papers_table():
+    code = nf4_code()
+    assert code.shape == (16,) and (code[1:] > code[:-1]).all()
+    assert (code - torch.tensor(NF4_PUBLISHED)).abs().max() < 1e-6
+    assert code[7] == 0 and code[0] == -1 and code[-1] == 1
+
+
+@pytest.mark.parametrize('which', ['nf4', 'int8'])
+def test_round_trip_error_is_within_half_a_step_of_the_code(which):
+    w = normal_weights()
+    w[3, 5] = 40.0  # an outlier spoils its own block only
+    code = nf4_code() if which == 'nf4' else None
+    codes, absmax = quantize_blockwise(w, 64, code)
+    back = dequantize_blockwise(codes, absmax, w.shape, code)
+    # the largest gap between neighbouring code values, as a fraction of a block's absmax
+    half_step = ((code[1:] - code[:-1]).max() if code is not None else torch.tensor(1 / 127)) / 2
+    err = (back - w).abs().reshape(-1, 64)
+    assert (err <= half_step * absmax.unsqueeze(1) + 1e-6).all()
+    assert absmax.shape == (w.numel() // 64,) and codes.dtype == (torch.uint8 if code is not None else torch.int8)
+    others = torch.ones(len(absmax), dtype=torch.bool)
+    others[(3 * 128 + 5) // 64] = False
+    assert err[~others].mean() > 5 * err[others].mean()  # the outlier's block is the worst by far
+
+
+def test_nf4_beats_a_uniform_4bit_code_on_normal_weights():
+    w = normal_weights((1024, 256), seed=1)
+    mse = {}
+    for name, code in (('nf4', nf4_code()), ('uniform', uniform4_code())):
+        codes, absmax = quantize_blockwise(w, 64, code)
+        mse[name] = ((dequantize_blockwise(codes, absmax, w.shape, code) - w) ** 2).mean().item()
+        if name == 'nf4':  # normal weights use every NF4 value (the extremes least: a block's absmax is ~2.5 sd)
+            counts = torch.bincount(codes.reshape(-1).long(), minlength=16).float()
+            assert counts.min() > 0.2 * counts.mean()
+    assert mse['nf4'] < 0.85 * mse['uniform'], mse
+
+
+def test_nearest_code_value_is_chosen():
+    code = nf4_code()
+    x = torch.linspace(-1, 1, 1001).reshape(-1, 7 * 11 * 13)[:, :64]  # values across [-1, 1], in one block each
+    x[:, 0] = 1.0  # absmax 1: no rescaling
+    codes, _ = quantize_blockwise(x, 64, code)
+    nearest = (x.reshape(-1, 1) - code).abs().argmin(1)
+    assert torch.equal(codes.reshape(-1).long(), nearest)
+
+
+def test_pack_two_codes_per_byte():
+    codes = torch.randint(0, 16, (32, 64), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    packed = pack4(codes)
+    assert packed.dtype == torch.uint8 and packed.numel() == codes.numel() // 2
+    assert packed[0] == codes[0, 0] * 16 + codes[0, 1]
+    assert torch.equal(unpack4(packed, codes.shape), codes)
+
+
+def test_double_quantization_keeps_the_scales_and_saves_the_bits():
+    w = normal_weights((512, 512), seed=3)
+    _, absmax = quantize_blockwise(w, 64, nf4_code())
+    codes, scales, mean = double_quantize(absmax, 256)
+    back = double_dequantize(codes, scales, mean, absmax.numel())
+    assert codes.dtype == torch.int8 and scales.numel() == -(-absmax.numel() // 256)
+    assert (back - absmax).abs().max() <= (scales.max() / 127 / 2) + 1e-6  # half an int8 step
+    assert (back - absmax).abs().max() / absmax.mean() < 0.01
+    assert bits_per_weight(64) == 4.5 and bits_per_weight(64, double=True) == pytest.approx(4.127, abs=1e-3)
+
+
+def test_a_block_that_does_not_divide_is_refused():
+    with pytest.raises(ValueError, match='block size 64 does not divide the 100 values'):
+        quantize_blockwise(torch.randn(10, 10), 64, nf4_code())

@@ -168,7 +168,8 @@ def chat_sampling(max_new_tokens=16):
 
 if chat_model:
     chat_rows = chat_sampling()
-    name = torch.cuda.get_device_name() if device_type == 'cuda' else f'cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)'
+    name = (torch.cuda.get_device_name() if device_type == 'cuda'
+            else f'cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)')
     print(f"\n{name}, {dtype}, chat model {chat_model}")
     print("| sampling | replies/s | tokens/s | tokens/reply |\n|---|---|---|---|")
     for what, rps, tps, tpr in chat_rows:

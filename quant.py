@@ -90,3 +90,50 @@ def double_dequantize(codes, scales, mean, n):
 def bits_per_weight(block=64, double=False, block2=256, code_bits=4):
     """Storage per weight: the code, plus the scales (fp32 per block, or int8 per block and fp32 per 256 blocks)."""
     return code_bits + (8 / block + 32 / (block * block2) if double else 32 / block)
+
+
+class QuantizedLinear(torch.nn.Module):
+    """A frozen linear layer stored quantized, QLoRA's base layer: the weight as NF4 codes packed two per byte
+    (or int8), one absmax per block of 64 (or those scales double-quantized), dequantized to float at every
+    forward pass; the bias, if any, kept as it was. Nothing in it is a parameter: wrapped in model.LoRALinear,
+    only the adapters train, in full precision, and gradients flow through the dequantized weight to them."""
+
+    def __init__(self, linear, kind='nf4', block=64, double_quant=False):
+        super().__init__()
+        if kind not in ('nf4', 'int8'):
+            raise ValueError(f"kind must be nf4 or int8, got {kind!r}")
+        w = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.kind, self.block = kind, block
+        self.shape, self.double_quant, self.dtype = tuple(w.shape), double_quant, w.dtype
+        code = nf4_code().to(w.device) if kind == 'nf4' else None
+        codes, absmax = quantize_blockwise(w, block, code)
+        self.register_buffer('codes', pack4(codes) if kind == 'nf4' else codes)
+        self.register_buffer('code', code)
+        if double_quant:
+            self.n_blocks = absmax.numel()
+            scale_codes, scale_scales, mean = double_quantize(absmax)
+            self.register_buffer('scale_codes', scale_codes)
+            self.register_buffer('scale_scales', scale_scales)
+            self.register_buffer('scale_mean', mean.reshape(1))
+        else:
+            self.register_buffer('absmax', absmax)
+        self.register_buffer('bias', None if linear.bias is None else linear.bias.detach().clone())
+
+    def scales(self):
+        if self.double_quant:
+            return double_dequantize(self.scale_codes, self.scale_scales, self.scale_mean[0], self.n_blocks)
+        return self.absmax
+
+    def dequantized_weight(self):
+        codes = unpack4(self.codes, (-1, self.block)) if self.kind == 'nf4' else self.codes
+        return dequantize_blockwise(codes, self.scales(), self.shape, self.code).to(self.dtype)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.dequantized_weight().to(x.dtype),
+                                          None if self.bias is None else self.bias.to(x.dtype))
+
+    def weight_bytes(self):
+        """Bytes that store the weight: its codes and its scales (the bias and the 16-value table aside)."""
+        names = ('codes', 'scale_codes', 'scale_scales', 'scale_mean') if self.double_quant else ('codes', 'absmax')
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)

@@ -74,7 +74,8 @@ def test_each_optimizer_equals_torch_optim_step_for_step(name):
     elif name == 'momentum':
         opt, step = torch.optim.SGD([theirs], lr=lr, momentum=0.9), lambda p, g: sgd_momentum(p, g, state, lr, 0.9)
     elif name == 'adam':
-        opt, step = torch.optim.Adam([theirs], lr=lr, betas=(0.9, 0.99)), lambda p, g: adam(p, g, state, lr, (0.9, 0.99))
+        opt = torch.optim.Adam([theirs], lr=lr, betas=(0.9, 0.99))
+        step = lambda p, g: adam(p, g, state, lr, (0.9, 0.99))  # noqa: E731
     else:
         opt = torch.optim.AdamW([theirs], lr=lr, betas=(0.9, 0.99), weight_decay=0.5)
         step = lambda p, g: adamw(p, g, state, lr, (0.9, 0.99), weight_decay=0.5)  # noqa: E731

@@ -3,8 +3,9 @@ uniform 4-bit code on normal weights (the paper's argument, measured), packing, 
 import pytest
 import torch
 
-from quant import (NF4_PUBLISHED, bits_per_weight, dequantize_blockwise, double_dequantize, double_quantize,
-                   nf4_code, pack4, quantize_blockwise, uniform4_code, unpack4)
+from model import LoRALinear
+from quant import (NF4_PUBLISHED, QuantizedLinear, bits_per_weight, dequantize_blockwise, double_dequantize,
+                   double_quantize, nf4_code, pack4, quantize_blockwise, uniform4_code, unpack4)
 
 
 def normal_weights(shape=(256, 128), seed=0):
@@ -78,3 +79,34 @@ def test_double_quantization_keeps_the_scales_and_saves_the_bits():
 def test_a_block_that_does_not_divide_is_refused():
     with pytest.raises(ValueError, match='block size 64 does not divide the 100 values'):
         quantize_blockwise(torch.randn(10, 10), 64, nf4_code())
+
+
+@pytest.mark.parametrize('kind,double', [('nf4', False), ('nf4', True), ('int8', False)])
+def test_qlora_layer_is_the_dequantized_linear_plus_the_lora_term(kind, double):
+    """QuantizedLinear under model.LoRALinear: the output equals a plain linear layer with the dequantized weight
+    plus B A x (alpha / r); gradients reach the adapters only; the stored weight takes the bytes the format says."""
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(256, 128)
+    q = QuantizedLinear(linear, kind, 64, double)
+    layer = LoRALinear(q, rank=4, alpha=8.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()  # B starts at zero; make the LoRA term count
+    x = torch.randn(5, 256)
+    w = dequantize_blockwise(quantize_blockwise(linear.weight.detach(), 64, nf4_code() if kind == 'nf4' else None)[0],
+                             quantize_blockwise(linear.weight.detach(), 64)[1], (128, 256),
+                             nf4_code() if kind == 'nf4' else None)
+    ref = x @ w.t() + linear.bias.detach() + (x @ layer.lora_A.t() @ layer.lora_B.t()) * 2.0
+    y = layer(x)
+    assert (y - ref).abs().max() < (2e-3 if double else 1e-5)  # double quantization moves the scales a little
+    assert (q.dequantized_weight() - linear.weight).abs().max() < 0.2 * linear.weight.abs().max()
+    y.sum().backward()
+    assert [n for n, p in layer.named_parameters()] == ['lora_A', 'lora_B']
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+    n = 128 * 256
+    if kind == 'int8':
+        assert q.weight_bytes() == n + 4 * n // 64  # 8.5 bits per weight
+    elif double:
+        assert q.weight_bytes() == n // 2 + n // 64 + 4 * 2 + 4  # int8 scales, 2 fp32 second-level scales, a mean
+        assert q.weight_bytes() * 8 / n == pytest.approx(bits_per_weight(64, double=True), abs=0.01)
+    else:
+        assert q.weight_bytes() * 8 / n == bits_per_weight(64) == 4.5

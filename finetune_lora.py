@@ -2,10 +2,12 @@
 Supervised fine-tuning (SFT) on chats: a base model that continues text becomes an assistant that
 answers. With lora_rank > 0 only small low-rank adapters train (LoRA); with prompt_tokens > 0 only a few
 "virtual token" embeddings in front of every sequence do (prompt tuning); otherwise all weights train.
+Under LoRA, --quantize=nf4 (or int8) stores the frozen base weights in 4 (8) bits: QLoRA (quant.py).
 
     python finetune_lora.py config/sft_tasks.py                        # the built-in task suite, every weight
     python finetune_lora.py config/sft_tasks.py --lora_rank=8 --learning_rate=1e-3   # the same, LoRA
     python finetune_lora.py config/sft_tasks.py --prompt_tokens=16 --learning_rate=1e-2   # prompt tuning
+    python finetune_lora.py config/sft_tasks.py --lora_rank=8 --learning_rate=1e-3 --quantize=nf4   # QLoRA
     python finetune_lora.py --init_from=gpt2 --data=alpaca_data.json   # Alpaca-format data, GPT-2 weights
     torchrun --standalone --nproc_per_node=8 finetune_lora.py config/sft_tasks.py
 
@@ -18,6 +20,7 @@ sample.py, reward.py, dpo.py and ppo.py load) and metrics.jsonl.
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -33,6 +36,7 @@ from download import download
 from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict, find_model, load_checkpoint,
                    lora_state_dict, merged_gpt, model_from_checkpoint, parse_lora_targets, save_checkpoint,
                    train_token_rows)
+from quant import base_bytes, merged_quantized_gpt, quantize_linears
 from tasks import chat_example, chat_ids, eval_tasks_from, gold_accuracy, read_tasks, render_chat
 from tokenizer import load_tokenizer
 
@@ -48,6 +52,11 @@ lora_rank = 8                # 0: full fine-tuning
 lora_alpha = 16.0
 lora_dropout = 0.05
 lora_targets = 'attn,proj,mlp_in,mlp_out'  # attention qkv, attention output, MLP in, MLP out
+# QLoRA (Dettmers et al. 2023): with LoRA, every linear layer of the blocks frozen in 4-bit NormalFloat ('nf4')
+# or int8, blockwise absmax scales (one per quant_block weights), those scales themselves in int8 (double_quant)
+quantize = 'none'            # 'none', 'nf4' or 'int8'
+quant_block = 64
+double_quant = False
 # prompt tuning (Lester et al. 2021), instead of LoRA: the model is frozen and only prompt_tokens learned
 # embeddings in front of every sequence train (and the chat tokens' rows, as with LoRA)
 prompt_tokens = 0
@@ -80,13 +89,20 @@ config = apply_config(globals())
 
 # every check that needs no model comes first (common.check_settings: the same rules in every script)
 check_settings(globals(), positive=('batch_size', 'gradient_accumulation_steps', 'learning_rate', 'eval_interval',
-                                    'eval_iters', 'log_interval', 'lora_alpha'),
+                                    'eval_iters', 'log_interval', 'lora_alpha', 'quant_block'),
                non_negative=('max_iters', 'warmup_iters', 'min_lr', 'weight_decay', 'grad_clip', 'eval_tasks',
                              'prompt_tokens'),
-               fractions=('replay_fraction', 'val_fraction', 'lora_dropout', 'beta1', 'beta2'))
+               fractions=('replay_fraction', 'val_fraction', 'lora_dropout', 'beta1', 'beta2'),
+               choices={'quantize': ('none', 'nf4', 'int8')})
 targets = or_fail(parse_lora_targets, lora_rank, lora_targets)
 if lora_rank and prompt_tokens:
     fail(f"lora_rank={lora_rank} and prompt_tokens={prompt_tokens}: choose LoRA or prompt tuning, not both")
+quant = dict(kind=quantize, block=quant_block, double_quant=double_quant) if quantize != 'none' else None
+if quant and not lora_rank:
+    fail(f"quantize={quantize} freezes the base weights in {quantize}: it needs LoRA adapters to train "
+         f"(--lora_rank > 0); full fine-tuning and prompt tuning run with quantize='none'")
+if double_quant and not quant:
+    fail("double_quant=True quantizes the scales of a quantized base: set --quantize=nf4 or int8")
 check_out_dir(out_dir)
 ckpt = None
 if init_from == 'resume':  # read the checkpoint now (on the CPU): a bad one is refused before any work
@@ -94,6 +110,9 @@ if init_from == 'resume':  # read the checkpoint now (on the CPU): a bad one is 
         ckpt, ckpt_meta = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     except CheckpointError as e:
         fail(f"init_from='resume': {e}")
+    if ckpt_meta.get('quant') != quant:  # its state holds the base as it was stored: codes, or float weights
+        fail(f"init_from='resume': the checkpoint's base was stored with quant={ckpt_meta.get('quant')}; this run "
+             f"asks for {quant}: resume with the same --quantize, --quant_block and --double_quant")
 
 # -----------------------------------------------------------------------------
 # processes, devices, precision (common.setup_device, as in train.py)
@@ -133,9 +152,16 @@ if model.config.vocab_size < tokenizer.n_vocab:
 # LoRA or prompt tuning: freeze the base and add what trains; and let the chat tokens' embedding rows train
 lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=list(targets)) if lora_rank > 0 else None
 mode = 'lora' if lora else 'prompt' if prompt_tokens else 'full'
+n_params = sum(p.numel() for p in model.parameters())  # (a quantized weight is no longer a parameter)
 if lora:
     apply_lora(model, **lora)
     train_token_rows(model, chat_token_ids)
+    if quant:
+        fp32_bytes = base_bytes(model)
+        or_fail(lambda: quantize_linears(model, **quant))
+        if master_process:
+            print(f"base stored in {quantize}{' with double quantization' if double_quant else ''}: "
+                  f"{base_bytes(model):,} bytes instead of {fp32_bytes:,}")
 elif prompt_tokens:
     if not model.config.n_prefix:  # (a resumed run's prefix came with its checkpoint's model_args)
         model.add_prefix(prompt_tokens, torch.Generator().manual_seed(seed))
@@ -147,13 +173,12 @@ block_size = model.config.block_size - model.config.n_prefix  # what a sequence 
 if ckpt is not None:
     model.load_state_dict(clean_state_dict(ckpt['model']))
 model.to(device)
-n_params = sum(p.numel() for p in model.parameters())
 n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 if mode != 'full':  # of the embedding only the chat-token rows train
     w = model.transformer.wte.weight
     n_trainable += len(chat_token_ids) * w.size(1) - w.numel()
 if master_process:
-    what = {'lora': f'LoRA r={lora_rank}', 'prompt': f'prompt tuning, {prompt_tokens} virtual tokens',
+    what = {'lora': f'{"Q" if quant else ""}LoRA r={lora_rank}', 'prompt': f'prompt tuning, {prompt_tokens} virtual tokens',
             'full': 'full fine-tuning'}[mode]
     print(f"{what}: {n_trainable:,} trainable parameters of {n_params:,} ({100 * n_trainable / n_params:.2f}%)")
 
@@ -350,14 +375,17 @@ def save():
     atomically and ckpt.pt last: a run killed in between resumes from the older ckpt.pt and writes the same
     model.pt again."""
     sd = clean_state_dict(raw_model.state_dict())
-    meta = dict(model_args=raw_model.config.__dict__, lora=lora, iter_num=iter_num, config=config,
+    meta = dict(model_args=raw_model.config.__dict__, lora=lora, quant=quant, iter_num=iter_num, config=config,
                 base=base_meta, data_meta=base_meta['data_meta'], before=before)
     if lora:
         adapter = lora_state_dict(raw_model)
         adapter['chat_token_rows'] = raw_model.transformer.wte.weight[chat_token_ids].detach().cpu()
         save_checkpoint(os.path.join(out_dir, 'adapter.pt'), adapter,
-                        dict(lora=lora, base=base_meta['init_from'], chat_token_ids=chat_token_ids))
-    merged = merged_gpt(sd, raw_model.config.__dict__, lora)
+                        dict(lora=lora, quant=quant, base=base_meta['init_from'], chat_token_ids=chat_token_ids))
+    if quant:  # the adapters folded into the dequantized weights: what the model computed in training
+        merged = merged_quantized_gpt(sd, raw_model.config.__dict__, lora, quant)
+    else:
+        merged = merged_gpt(sd, raw_model.config.__dict__, lora)
     save_checkpoint(os.path.join(out_dir, 'model.pt'), {'model': merged.state_dict()},
                     dict(model_args=merged.config.__dict__, data_meta=base_meta['data_meta'], sft=meta['config'],
                          base=base_meta))
@@ -414,12 +442,17 @@ while iter_num < max_iters:
 
 elapsed = time.time() - t0
 if master_process:
-    summary = dict(mode=mode, trainable_params=n_trainable, total_params=n_params,
-                   trainable_pct=100 * n_trainable / n_params, train_seconds=elapsed,
-                   tokens_per_s=tokens_seen / max(elapsed, 1e-9),
-                   peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if device_type == 'cuda' else None)
-    print(f"trained {iter_num} iterations in {elapsed:.1f} s, {summary['tokens_per_s']:,.0f} trained tokens/s"
-          + (f", peak memory {summary['peak_memory_mb']:.0f} MiB" if summary['peak_memory_mb'] else ''))
+    # peak memory: the accelerator's allocations on CUDA; on the CPU the process's peak resident set, which
+    # includes the float32 base as it was loaded before quantization
+    peak = (torch.cuda.max_memory_allocated() if device_type == 'cuda'
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    summary = dict(mode=mode, quantize=quantize, trainable_params=n_trainable, total_params=n_params,
+                   trainable_pct=100 * n_trainable / n_params, base_bytes=base_bytes(raw_model),
+                   train_seconds=elapsed, ms_per_iter=1000 * elapsed / max(iter_num - iter_start, 1),
+                   tokens_per_s=tokens_seen / max(elapsed, 1e-9), peak_memory_mb=peak,
+                   peak_memory_of='cuda allocations' if device_type == 'cuda' else 'process max RSS')
+    print(f"trained {iter_num} iterations in {elapsed:.1f} s, {summary['tokens_per_s']:,.0f} trained tokens/s, "
+          f"peak memory {peak:.0f} MiB ({summary['peak_memory_of']})")
     log({'summary': summary, 'before': before, 'after': after})
 if ddp:
     dist.barrier()  # every process done before the group goes (see train.py)

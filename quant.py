@@ -7,8 +7,14 @@ Blockwise absmax: the weight, flattened, is cut into blocks of `block` values (6
 divided by its largest magnitude, so that it lies in [-1, 1], and each value is replaced by the index of the
 nearest of the code's values. One outlier then spoils only its own block. Dequantizing is a table lookup times
 the block's scale.
+
+QLoRA is then quantize_linears under model.apply_lora's adapters (finetune_lora.py --quantize=nf4): the base
+stays frozen in 4 bits, the adapters train in float32, and merged_quantized_gpt folds them into the dequantized
+weights for the later stages.
 """
 import torch
+
+from model import GPT, GPTConfig, apply_lora, clean_state_dict, merge_lora
 
 # NF4 as the paper publishes it (appendix E; bitsandbytes' table): the reference for nf4_code's test
 NF4_PUBLISHED = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -92,6 +98,22 @@ def bits_per_weight(block=64, double=False, block2=256, code_bits=4):
     return code_bits + (8 / block + 32 / (block * block2) if double else 32 / block)
 
 
+class MatmulDequantized(torch.autograd.Function):
+    """y = x W^T, with W dequantized in the forward pass and again in the backward pass (dx = dy W), never kept
+    in between. A plain F.linear would make autograd save every layer's full-precision W until the backward
+    pass, and the memory the 4-bit storage saves would be spent again (bitsandbytes' MatMul4Bit does the same).
+    W is frozen, so it needs no gradient of its own."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return x @ layer.dequantized_weight().to(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.layer.dequantized_weight().to(grad.dtype), None
+
+
 class QuantizedLinear(torch.nn.Module):
     """A frozen linear layer stored quantized, QLoRA's base layer: the weight as NF4 codes packed two per byte
     (or int8), one absmax per block of 64 (or those scales double-quantized), dequantized to float at every
@@ -130,10 +152,55 @@ class QuantizedLinear(torch.nn.Module):
         return dequantize_blockwise(codes, self.scales(), self.shape, self.code).to(self.dtype)
 
     def forward(self, x):
-        return torch.nn.functional.linear(x, self.dequantized_weight().to(x.dtype),
-                                          None if self.bias is None else self.bias.to(x.dtype))
+        y = MatmulDequantized.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def weight_bytes(self):
         """Bytes that store the weight: its codes and its scales (the bias and the 16-value table aside)."""
         names = ('codes', 'scale_codes', 'scale_scales', 'scale_mean') if self.double_quant else ('codes', 'absmax')
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
+
+
+def quantize_linears(model, kind, block=64, double_quant=False):
+    """Replace every Linear inside the transformer blocks (under LoRA adapters too: model.LoRALinear's base)
+    by a QuantizedLinear, in place. The embedding (tied to the head, and its chat-token rows train) and the
+    LayerNorms stay in float32, as in the paper. A ValueError (one line) before anything is replaced if the
+    block size does not divide a weight. Returns the model."""
+    layers = [(module, f"{path}.{name}", name, child) for path, module in model.transformer.h.named_modules()
+              for name, child in module.named_children() if isinstance(child, torch.nn.Linear)]
+    if kind == 'nf4' and block % 2:
+        raise ValueError(f"quant_block must be even for nf4 (two codes per byte), got {block}")
+    for _, path, _, child in layers:
+        if block <= 0 or child.weight.numel() % block:
+            raise ValueError(f"quant_block {block} does not divide the {child.weight.numel()} values of "
+                             f"transformer.h.{path}'s {tuple(child.weight.shape)} weight")
+    for module, _, name, child in layers:
+        setattr(module, name, QuantizedLinear(child, kind, block, double_quant))
+    return model
+
+
+def base_bytes(model):
+    """Bytes of the frozen model: every tensor of its state but the LoRA adapters, a tied weight once (quantized
+    weights at the bytes their codes, scales and 16-value table take; the embedding and LayerNorms in float32)."""
+    tensors = {v.data_ptr(): v for k, v in model.state_dict().items() if '.lora_' not in k}
+    return sum(v.numel() * v.element_size() for v in tensors.values())
+
+
+def merged_quantized_gpt(state_dict, model_args, lora, quant):
+    """A plain GPT from a state dict trained with LoRA over a quantized base (quant: quantize_linears' keyword
+    arguments): each adapter folded into its dequantized weight, W = dequant(codes, scales) + B A alpha / r.
+    The result is float32 and knows nothing of quantization or LoRA, as model.merged_gpt's."""
+    model = GPT(GPTConfig(**model_args))
+    apply_lora(model, **lora)
+    quantize_linears(model, **quant)
+    model.load_state_dict(clean_state_dict(state_dict))
+    for module in list(model.transformer.h.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, QuantizedLinear):
+                plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                with torch.no_grad():
+                    plain.weight.copy_(child.dequantized_weight())
+                    if child.bias is not None:
+                        plain.bias.copy_(child.bias)
+                setattr(module, name, plain)
+    return merge_lora(model)

@@ -257,8 +257,51 @@ def test_finetune_bad_input_fails_fast(chat_base, tmp_path):
     bad = tmp_path / 'bad.json'
     bad.write_text('{not json')
     for args, msg in ((['--data=' + str(bad)], 'not JSON'), (['--data=/no/such/file.json'], 'not found'),
-                      (['--lora_targets=attn,qkv'], 'lora_targets'), (['--init_from=/no/such/dir'], 'init_from')):
+                      (['--lora_targets=attn,qkv'], 'lora_targets'), (['--init_from=/no/such/dir'], 'init_from'),
+                      (['--quantize=nf3'], 'quantize must be one of none, nf4, int8'),
+                      (['--lora_rank=0', '--quantize=nf4'], 'needs LoRA adapters'),
+                      (['--double_quant=True'], 'set --quantize'),
+                      (['--lora_rank=4', '--quantize=int8', '--quant_block=100'], 'quant_block 100 does not divide'),
+                      (['--lora_rank=4', '--quantize=nf4', '--quant_block=0'], 'quant_block must be > 0')):
         p = run(['finetune_lora.py', f'--init_from={chat_base / "base"}', f'--data_dir={chat_base}',
              f'--out_dir={tmp_path / "never"}', '--device=cpu', *args], check=False)
         assert p.returncode != 0 and msg in p.stderr, (args, p.stderr)
         assert not (tmp_path / 'never').exists()
+
+
+def test_qlora_sft_keeps_the_base_in_nf4_merges_and_resumes(chat_base, tmp_path):
+    """--quantize=nf4: the base in the checkpoint is the base model's weights quantized (frozen: the same codes
+    after training), it takes 4.5 bits per weight of the blocks' linear layers, model.pt computes what the
+    quantized model with its adapters computes, and resume needs the same quantization."""
+    from quant import QuantizedLinear, base_bytes, nf4_code, pack4, quantize_blockwise, quantize_linears
+    sft(chat_base, 'sft_qlora', '--max_iters=60', '--eval_interval=30', '--lora_rank=4', '--quantize=nf4')
+    s = summary(chat_base / 'sft_qlora' / 'metrics.jsonl')
+    assert s['after']['val_loss'] < s['before']['val_loss']
+    assert s['summary']['quantize'] == 'nf4'
+    base, _ = M.model_from_checkpoint(str(chat_base / 'base' / 'ckpt.pt'))
+    linears = {n: mod.weight for n, mod in base.transformer.h.named_modules() if isinstance(mod, torch.nn.Linear)}
+    n = sum(w.numel() for w in linears.values())
+    fp32 = base_bytes(base)
+    assert fp32 - s['summary']['base_bytes'] == 4 * n - n * 4.5 / 8 - len(linears) * 16 * 4
+    ckpt, meta = M.load_checkpoint(str(chat_base / 'sft_qlora' / 'ckpt.pt'))
+    assert meta['quant'] == {'kind': 'nf4', 'block': 64, 'double_quant': False}
+    codes, absmax = quantize_blockwise(linears['0.mlp.c_fc'], 64, nf4_code())
+    assert torch.equal(ckpt['model']['transformer.h.0.mlp.c_fc.base.codes'], pack4(codes))
+    assert torch.equal(ckpt['model']['transformer.h.0.mlp.c_fc.base.absmax'], absmax)
+    # the quantized model with its adapters, rebuilt by hand, against the merged export
+    q = GPT(GPTConfig(**meta['model_args']))
+    apply_lora(q, **meta['lora'])
+    quantize_linears(q, **meta['quant'])
+    q.load_state_dict(ckpt['model'])
+    assert isinstance(q.transformer.h[1].attn.c_proj.base, QuantizedLinear)
+    merged, _ = M.model_from_checkpoint(str(chat_base / 'sft_qlora' / 'model.pt'))
+    idx = torch.randint(0, 300, (2, 30))
+    assert (q.eval()(idx, idx)[0] - merged.eval()(idx, idx)[0]).abs().max() < 1e-4
+    # resume: the same quantization continues; another one is refused in one line
+    p = run(['finetune_lora.py', f'--data_dir={chat_base}', f'--out_dir={chat_base / "sft_qlora"}',
+             '--init_from=resume', '--lora_rank=4', '--quantize=int8', '--device=cpu'], check=False)
+    assert p.returncode != 0 and 'resume with the same --quantize' in p.stderr, p.stderr
+    sft(chat_base, 'sft_qlora', '--max_iters=70', '--eval_interval=30', '--lora_rank=4', '--quantize=nf4',
+        '--init_from=resume')
+    records = [json.loads(line) for line in open(chat_base / 'sft_qlora' / 'metrics.jsonl')]
+    assert [r['eval'] for r in records if 'eval' in r] == ['base', 'iter 30', 'iter 60', 'iter 70']

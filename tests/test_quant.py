@@ -110,3 +110,71 @@ def test_qlora_layer_is_the_dequantized_linear_plus_the_lora_term(kind, double):
         assert q.weight_bytes() * 8 / n == pytest.approx(bits_per_weight(64, double=True), abs=0.01)
     else:
         assert q.weight_bytes() * 8 / n == bits_per_weight(64) == 4.5
+
+
+def test_the_dequantized_weight_is_not_kept_for_the_backward_pass():
+    """MatmulDequantized: the same output and input gradient as a plain linear layer with the dequantized weight,
+    and autograd saves nothing the size of the weight between the passes (a plain F.linear saves the weight)."""
+    torch.manual_seed(5)
+    q = QuantizedLinear(torch.nn.Linear(256, 128, bias=False), 'nf4')
+    w = q.dequantized_weight()
+    x = torch.randn(3, 7, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = q(x)
+    assert (128, 256) not in saved and (256, 128) not in saved, saved
+    y.pow(2).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = torch.nn.functional.linear(x_ref, w)
+    y_ref.pow(2).sum().backward()
+    assert (y - y_ref).abs().max() < 1e-5 and (x.grad - x_ref.grad).abs().max() < 1e-5
+
+
+def tiny_lora_gpt():
+    from model import GPT, GPTConfig, apply_lora
+    torch.manual_seed(6)
+    m = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=64))
+    lora = dict(rank=4, alpha=8.0, targets=['attn', 'mlp_in'])
+    apply_lora(m, **lora)
+    return m, lora
+
+
+def test_quantize_linears_then_merge_gives_the_dequantized_weight_plus_the_adapter():
+    """Every Linear of the blocks quantized (adapted or not), the embedding not; merged_quantized_gpt computes what
+    the quantized LoRA model computes, with W = dequant + B A alpha / r written out slowly."""
+    from model import LoRALinear
+    from quant import base_bytes, merged_quantized_gpt, quantize_linears
+    m, lora = tiny_lora_gpt()
+    plain = {k: v.clone() for k, v in m.state_dict().items()}
+    fp32 = base_bytes(m)
+    quantize_linears(m, 'nf4', 64)
+    blocks = list(m.transformer.h.modules())
+    assert not any(isinstance(x, torch.nn.Linear) for x in blocks)
+    assert sum(isinstance(x, QuantizedLinear) for x in blocks) == 2 * 4
+    assert isinstance(m.transformer.h[0].attn.c_attn.base, QuantizedLinear)
+    assert isinstance(m.transformer.h[0].attn.c_proj, QuantizedLinear)  # not adapted: quantized all the same
+    linear_values = 2 * 64 * (3 * 64 + 64 + 4 * 64 + 4 * 64)
+    assert fp32 - base_bytes(m) == 4 * linear_values - linear_values * 4.5 / 8 - 8 * 16 * 4  # + each table
+    with torch.no_grad():
+        for layer in m.modules():
+            if isinstance(layer, LoRALinear):
+                layer.lora_B.normal_(0, 0.1)
+    merged = merged_quantized_gpt(m.state_dict(), m.config.__dict__, lora, dict(kind='nf4', block=64))
+    idx = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(7))
+    assert (merged.eval()(idx, idx)[0] - m.eval()(idx, idx)[0]).abs().max() < 1e-4
+    a = m.transformer.h[1].mlp.c_fc
+    code = nf4_code()
+    codes, absmax = quantize_blockwise(plain['transformer.h.1.mlp.c_fc.base.weight'], 64, code)
+    slow = dequantize_blockwise(codes, absmax, (256, 64), code) + a.lora_B @ a.lora_A * 2.0
+    assert (merged.transformer.h[1].mlp.c_fc.weight - slow).abs().max() < 1e-6
+    assert not any('lora' in k or 'codes' in k for k in merged.state_dict())
+
+
+def test_a_block_that_does_not_divide_a_weight_is_refused_before_any_layer_changes():
+    from quant import quantize_linears
+    m, _ = tiny_lora_gpt()
+    with pytest.raises(ValueError, match=r"quant_block 100 does not divide the 4096 values of transformer.h.0.attn.c_proj's \(64, 64\)"):
+        quantize_linears(m, 'int8', 100)
+    with pytest.raises(ValueError, match='must be even'):
+        quantize_linears(m, 'nf4', 3)
+    assert not any(isinstance(x, QuantizedLinear) for x in m.modules())

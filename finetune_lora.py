@@ -178,7 +178,8 @@ if mode != 'full':  # of the embedding only the chat-token rows train
     w = model.transformer.wte.weight
     n_trainable += len(chat_token_ids) * w.size(1) - w.numel()
 if master_process:
-    what = {'lora': f'{"Q" if quant else ""}LoRA r={lora_rank}', 'prompt': f'prompt tuning, {prompt_tokens} virtual tokens',
+    what = {'lora': f'{"Q" if quant else ""}LoRA r={lora_rank}',
+            'prompt': f'prompt tuning, {prompt_tokens} virtual tokens',
             'full': 'full fine-tuning'}[mode]
     print(f"{what}: {n_trainable:,} trainable parameters of {n_params:,} ({100 * n_trainable / n_params:.2f}%)")
 

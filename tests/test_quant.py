@@ -173,7 +173,8 @@ def test_quantize_linears_then_merge_gives_the_dequantized_weight_plus_the_adapt
 def test_a_block_that_does_not_divide_a_weight_is_refused_before_any_layer_changes():
     from quant import quantize_linears
     m, _ = tiny_lora_gpt()
-    with pytest.raises(ValueError, match=r"quant_block 100 does not divide the 4096 values of transformer.h.0.attn.c_proj's \(64, 64\)"):
+    msg = r"quant_block 100 does not divide the 4096 values of transformer.h.0.attn.c_proj's \(64, 64\) weight"
+    with pytest.raises(ValueError, match=msg):
         quantize_linears(m, 'int8', 100)
     with pytest.raises(ValueError, match='must be even'):
         quantize_linears(m, 'nf4', 3)

@@ -131,6 +131,34 @@ def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
+def reset_peak_memory(device_type):
+    """Measure peak memory from here on: CUDA's allocator statistics, or, on Linux, the process's peak resident
+    set (VmHWM), which writing 5 to /proc/self/clear_refs resets. Elsewhere the peak counts from the start."""
+    if device_type == 'cuda':
+        import torch
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device_type):
+    """The peak since reset_peak_memory, in MiB: CUDA's allocations, or the process's peak resident set on a CPU
+    (the tensors plus the Python and torch runtime, a few hundred MiB); None where it cannot be read."""
+    if device_type == 'cuda':
+        import torch
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 2**20 if sys.platform == 'darwin' else kib / 2**10  # macOS counts bytes, Linux KiB
+
+
 def metrics_logger(out_dir, enabled=True):
     """log(record): one JSON line appended to out_dir/metrics.jsonl, which plots.py, pipeline.py and the tests
     read; enabled=False (every process of a torchrun but the first) writes nothing."""

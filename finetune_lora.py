@@ -20,7 +20,6 @@ sample.py, reward.py, dpo.py and ppo.py load) and metrics.jsonl.
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -30,8 +29,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (check_out_dir, check_settings, fail, get_lr, metrics_logger, optimizer_step, or_fail, progress,
-                    seed_everything, set_lr, setup_device, steps_per_process)
+from common import (check_out_dir, check_settings, fail, get_lr, metrics_logger, optimizer_step, or_fail,
+                    peak_memory_mb, progress, reset_peak_memory, seed_everything, set_lr, setup_device,
+                    steps_per_process)
 from download import download
 from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict, find_model, load_checkpoint,
                    lora_state_dict, merged_gpt, model_from_checkpoint, parse_lora_targets, save_checkpoint,
@@ -402,8 +402,7 @@ if iter_num == 0:
 after = before
 tokens_seen, t0, t_log, iter_start = 0, time.time(), time.time(), iter_num
 loss_sum = torch.zeros((), device=device)
-if device_type == 'cuda':
-    torch.cuda.reset_peak_memory_stats()
+reset_peak_memory(device_type)  # the peak of training itself, not of loading the float32 base
 while iter_num < max_iters:
     lr = get_lr(iter_num, learning_rate, warmup_iters, max_iters, min_lr) if decay_lr else learning_rate
     set_lr(optimizer, lr)
@@ -443,17 +442,14 @@ while iter_num < max_iters:
 
 elapsed = time.time() - t0
 if master_process:
-    # peak memory: the accelerator's allocations on CUDA; on the CPU the process's peak resident set, which
-    # includes the float32 base as it was loaded before quantization
-    peak = (torch.cuda.max_memory_allocated() if device_type == 'cuda'
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    peak = peak_memory_mb(device_type)
     summary = dict(mode=mode, quantize=quantize, trainable_params=n_trainable, total_params=n_params,
                    trainable_pct=100 * n_trainable / n_params, base_bytes=base_bytes(raw_model),
                    train_seconds=elapsed, ms_per_iter=1000 * elapsed / max(iter_num - iter_start, 1),
                    tokens_per_s=tokens_seen / max(elapsed, 1e-9), peak_memory_mb=peak,
-                   peak_memory_of='cuda allocations' if device_type == 'cuda' else 'process max RSS')
-    print(f"trained {iter_num} iterations in {elapsed:.1f} s, {summary['tokens_per_s']:,.0f} trained tokens/s, "
-          f"peak memory {peak:.0f} MiB ({summary['peak_memory_of']})")
+                   peak_memory_of='cuda allocations' if device_type == 'cuda' else 'process peak RSS')
+    print(f"trained {iter_num} iterations in {elapsed:.1f} s, {summary['tokens_per_s']:,.0f} trained tokens/s"
+          + (f", peak memory {peak:.0f} MiB ({summary['peak_memory_of']})" if peak is not None else ''))
     log({'summary': summary, 'before': before, 'after': after})
 if ddp:
     dist.barrier()  # every process done before the group goes (see train.py)

@@ -2,6 +2,7 @@
 the optimizer step against its arithmetic done by hand, the reference model against the policy it was made
 from, the evaluation prompts against the val file, the metrics log against json."""
 import json
+import os
 
 import pytest
 import torch
@@ -127,3 +128,20 @@ def test_sampled_kl_against_the_exact_kl_of_two_token_replies():
     estimate = sampled_kl(policy, ref, [prompt] * 6000, 2, end, gen, batch_size=2000)
     assert exact > 0.3 and estimate == pytest.approx(exact, rel=0.08)
     assert sampled_kl(policy, policy, [prompt] * 50, 2, end, gen) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_peak_memory_counts_from_the_reset():
+    """On Linux the peak resident set restarts at the reset: a large block freed before it does not count, one
+    allocated after it does (about its size)."""
+    import numpy as np
+    from common import peak_memory_mb, reset_peak_memory
+    if not os.access('/proc/self/clear_refs', os.W_OK):
+        pytest.skip('no /proc/self/clear_refs to reset the peak with')
+    block = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+    del block
+    reset_peak_memory('cpu')
+    base = peak_memory_mb('cpu')
+    block = np.ones(200 * 2**20 // 8)
+    peak = peak_memory_mb('cpu')
+    del block
+    assert 190 < peak - base < 260, (base, peak)

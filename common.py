@@ -159,6 +159,32 @@ def peak_memory_mb(device_type):
     return kib / 2**20 if sys.platform == 'darwin' else kib / 2**10  # macOS counts bytes, Linux KiB
 
 
+class saved_tensor_bytes:
+    """`with saved_tensor_bytes(model) as saved:` around a forward pass; then saved.bytes is what autograd keeps
+    for the backward pass: the activations, each storage once, and not the model's own parameters and buffers,
+    which are held anyway."""
+
+    def __init__(self, model):
+        import torch
+        self.bytes = 0
+        self.seen = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    def pack(self, t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.seen:
+            self.seen.add(storage.data_ptr())
+            self.bytes += storage.nbytes()
+        return t
+
+    def __enter__(self):
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
 def metrics_logger(out_dir, enabled=True):
     """log(record): one JSON line appended to out_dir/metrics.jsonl, which plots.py, pipeline.py and the tests
     read; enabled=False (every process of a torchrun but the first) writes nothing."""

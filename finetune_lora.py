@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -30,8 +31,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (check_out_dir, check_settings, fail, get_lr, metrics_logger, optimizer_step, or_fail,
-                    peak_memory_mb, progress, reset_peak_memory, seed_everything, set_lr, setup_device,
-                    steps_per_process)
+                    peak_memory_mb, progress, reset_peak_memory, saved_tensor_bytes, seed_everything, set_lr,
+                    setup_device, steps_per_process)
 from download import download
 from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict, find_model, load_checkpoint,
                    lora_state_dict, merged_gpt, model_from_checkpoint, parse_lora_targets, save_checkpoint,
@@ -400,7 +401,7 @@ eval_task_set = eval_tasks_from(data_dir, eval_tasks) if data == 'tasks' else []
 if iter_num == 0:
     before = evaluate('base', eval_task_set, test=True)
 after = before
-tokens_seen, t0, t_log, iter_start = 0, time.time(), time.time(), iter_num
+tokens_seen, t0, t_log, iter_start, eval_seconds, activation_bytes = 0, time.time(), time.time(), iter_num, 0.0, None
 loss_sum = torch.zeros((), device=device)
 reset_peak_memory(device_type)  # the peak of training itself, not of loading the float32 base
 while iter_num < max_iters:
@@ -413,9 +414,12 @@ while iter_num < max_iters:
         tokens_seen += int((y != -1).sum()) * ddp_world_size
         if ddp:
             model.require_backward_grad_sync = (micro_step == accum_steps - 1)
-        with ctx:
+        # what autograd keeps for the backward pass, measured on this run's first micro-batch
+        saved = saved_tensor_bytes(raw_model) if activation_bytes is None else nullcontext()
+        with ctx, saved:
             _, loss = model(x, y)
             loss = loss / accum_steps
+        activation_bytes = saved.bytes if activation_bytes is None else activation_bytes
         loss_sum += loss.detach()
         scaler.scale(loss).backward()
     optimizer_step(optimizer, scaler, [p for p in raw_model.parameters() if p.requires_grad], grad_clip)
@@ -428,24 +432,29 @@ while iter_num < max_iters:
         if not math.isfinite(lossf):
             fail(f"loss is NaN or inf at iteration {iter_num}; the last good checkpoint in {out_dir} is kept")
         if master_process:
-            dt = time.time() - t_log
             print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {tokens_seen / (time.time() - t0):,.0f} "
                   f"trained tokens/s; {progress(iter_num, max_iters, t0, iter_start)}")
             log({'iter': iter_num, 'loss': lossf, 'lr': lr})
         loss_sum.zero_()
         t_log = time.time()
     if iter_num % eval_interval == 0 or iter_num == max_iters:
-        last = iter_num == max_iters
+        t_eval, last = time.time(), iter_num == max_iters
         after = evaluate(f'iter {iter_num}', eval_task_set if last else [], test=last)
         if master_process:
             save()
+        eval_seconds += time.time() - t_eval
 
 elapsed = time.time() - t0
 if master_process:
     peak = peak_memory_mb(device_type)
+    # memory, counted: the frozen base; what trains with its gradients and AdamW's two moments; the activations
+    trained = [p for p in raw_model.parameters() if p.requires_grad]
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     summary = dict(mode=mode, quantize=quantize, trainable_params=n_trainable, total_params=n_params,
                    trainable_pct=100 * n_trainable / n_params, base_bytes=base_bytes(raw_model),
-                   train_seconds=elapsed, ms_per_iter=1000 * elapsed / max(iter_num - iter_start, 1),
+                   training_state_bytes=sum(t.numel() * t.element_size() for t in trained * 2 + state),
+                   activation_bytes=activation_bytes, train_seconds=elapsed, eval_seconds=eval_seconds,
+                   ms_per_iter=1000 * (elapsed - eval_seconds) / max(iter_num - iter_start, 1),
                    tokens_per_s=tokens_seen / max(elapsed, 1e-9), peak_memory_mb=peak,
                    peak_memory_of='cuda allocations' if device_type == 'cuda' else 'process peak RSS')
     print(f"trained {iter_num} iterations in {elapsed:.1f} s, {summary['tokens_per_s']:,.0f} trained tokens/s"

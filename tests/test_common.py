@@ -145,3 +145,18 @@ def test_peak_memory_counts_from_the_reset():
     peak = peak_memory_mb('cpu')
     del block
     assert 190 < peak - base < 260, (base, peak)
+
+
+def test_saved_tensor_bytes_counts_the_activations_not_the_weights():
+    """A two-layer MLP, y = W2 relu(W1 x + b1): autograd keeps x (for W1's gradient) and relu's output (for relu's
+    and W2's gradients, one tensor), written out here; W1 and W2 are the model's own and not counted. With the
+    first layer frozen, nothing needs x any more."""
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8))
+    x = torch.randn(32, 64)
+    with C.saved_tensor_bytes(net) as saved:
+        net(x).sum().backward()
+    assert saved.bytes == 4 * (32 * 64 + 32 * 256)
+    net[0].requires_grad_(False)
+    with C.saved_tensor_bytes(net) as saved:
+        net(x).sum()
+    assert saved.bytes == 4 * 32 * 256

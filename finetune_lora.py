@@ -401,7 +401,7 @@ eval_task_set = eval_tasks_from(data_dir, eval_tasks) if data == 'tasks' else []
 if iter_num == 0:
     before = evaluate('base', eval_task_set, test=True)
 after = before
-tokens_seen, t0, t_log, iter_start, eval_seconds, activation_bytes = 0, time.time(), time.time(), iter_num, 0.0, None
+tokens_seen, t0, iter_start, eval_seconds, activation_bytes = 0, time.time(), iter_num, 0.0, None
 loss_sum = torch.zeros((), device=device)
 reset_peak_memory(device_type)  # the peak of training itself, not of loading the float32 base
 while iter_num < max_iters:
@@ -436,7 +436,6 @@ while iter_num < max_iters:
                   f"trained tokens/s; {progress(iter_num, max_iters, t0, iter_start)}")
             log({'iter': iter_num, 'loss': lossf, 'lr': lr})
         loss_sum.zero_()
-        t_log = time.time()
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         t_eval, last = time.time(), iter_num == max_iters
         after = evaluate(f'iter {iter_num}', eval_task_set if last else [], test=last)

@@ -23,6 +23,14 @@ def masked_whiten(x, mask, eps=1e-8):
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
+def advantage_stats(advantages, mask):
+    """What the policy gradient is told, over the reply tokens: the advantages' mean and std, and the fraction
+    below zero (tokens pushed down)."""
+    mean = masked_mean(advantages, mask)
+    std = masked_mean((advantages - mean) ** 2, mask).sqrt()
+    return mean.item(), std.item(), masked_mean((advantages < 0).float(), mask).item()
+
+
 def kl_penalty(logprobs, ref_logprobs, kl_coef):
     """The per-token reward -beta * (log pi - log ref): negative where the policy makes a token more likely
     than the supervised model did. Its expectation over the policy's samples, summed over a reply, is

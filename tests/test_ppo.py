@@ -17,9 +17,9 @@ import tokenizer as TK
 from conftest import error_line, read_metrics, run
 from plots import compare_runs
 from ppo import ValueModel
-from rl import (KLController, explained_variance, gae, group_advantages, kl_penalty, leave_one_out, logprobs_and_entropy,
-                masked_mean, masked_whiten, place_on_mask, policy_loss, prefix_advantages, reference_logprobs, rollout,
-                token_rewards, value_loss, weigh_down_pushes)
+from rl import (KLController, advantage_stats, explained_variance, gae, group_advantages, kl_penalty, leave_one_out,
+                logprobs_and_entropy, masked_mean, masked_whiten, place_on_mask, policy_loss, prefix_advantages,
+                reference_logprobs, rollout, token_rewards, value_loss, weigh_down_pushes)
 from test_dpo import tiny_gpt, write_jsonl
 
 
@@ -127,6 +127,14 @@ def test_explained_variance_and_whitening_by_hand():
     w = masked_whiten(returns, m)
     assert w.tolist()[0] == pytest.approx([-math.sqrt(1.5), 0.0, math.sqrt(1.5), 0.0], rel=1e-6)
     assert masked_mean(returns, m).item() == 2.0
+
+
+def test_advantage_stats_by_hand():
+    # reply tokens -1, 0, 2, 3 (the padding's -50 does not count): mean 1, variance (4 + 1 + 1 + 4) / 4, one below 0
+    adv = torch.tensor([[-1.0, 0.0, -50.0], [2.0, 3.0, -50.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    mean, std, negative = advantage_stats(adv, m)
+    assert mean == pytest.approx(1.0) and std == pytest.approx(math.sqrt(2.5)) and negative == pytest.approx(0.25)
 
 
 # -----------------------------------------------------------------------------
@@ -346,7 +354,7 @@ def test_ppo_script_learns_the_gold_answer(toy):
     iters = [r for r in records if 'kl' in r and 'eval' not in r]
     assert len(iters) == 12
     for key in ('score', 'gold_accuracy', 'kl', 'kl_coef', 'clip_frac', 'approx_kl', 'entropy', 'value_loss',
-                'explained_variance'):
+                'explained_variance', 'advantage_mean', 'advantage_std', 'advantage_negative'):
         assert all(isinstance(r[key], float) for r in iters), key
     first, last = iters[0], iters[-1]
     assert first['score'] == first['gold_accuracy'] < 0.3  # the letter it likes least

@@ -205,12 +205,13 @@ def val_text_stats(data_dir):
     return len(text.encode('utf-8')) / len(ids), len(text) / len(ids), meta
 
 
-def evaluate_models(run_dir, data_dir, n_examples=5):
-    """Every model's greedy gold accuracy on the whole test split, evaluated here by the same code in the same
-    order (so the numbers compare exactly); whether each reply was right (for the paired test); the reward
-    model's mean score of those replies (standardised as PPO sees it: the proxy next to the truth); and each
-    model's reply to the same few prompts; and KL(model || SFT) on the val prompts, one estimator for every
-    row (rl.sampled_kl: a reply sampled at temperature 1, at most KL_TOKENS, the log-ratio summed over it)."""
+def evaluate_models(run_dir, data_dir, device, seed, models=MODELS, n_examples=5):
+    """Every model's (models: {name: its checkpoint, under run_dir or absolute}, 'SFT' among them) greedy gold
+    accuracy on the whole test split, evaluated here by the same code in the same order (so the numbers compare
+    exactly); whether each reply was right (for the paired test); the reward model's mean score of those replies
+    (standardised as PPO sees it: the proxy next to the truth); and each model's reply to the same few prompts; and
+    KL(model || SFT) on the val prompts, one estimator for every row (rl.sampled_kl: a reply sampled at
+    temperature 1, at most KL_TOKENS, the log-ratio summed over it; seeded from seed)."""
     import torch
     from model import model_from_checkpoint
     from rl import sampled_kl
@@ -224,8 +225,8 @@ def evaluate_models(run_dir, data_dir, n_examples=5):
     val_tasks = read_jsonl(os.path.join(data_dir, 'tasks', 'val.jsonl'))  # where the configs were chosen
     examples = [next(t for t in tasks if t['skill'] == s) for s in SKILLS][:n_examples]
     results, t0 = {}, time.time()
-    sft, _ = model_from_checkpoint(os.path.join(run_dir, MODELS['SFT']), dev)
-    for i, (name, path) in enumerate(MODELS.items()):
+    sft, _ = model_from_checkpoint(os.path.join(run_dir, models['SFT']), dev)
+    for i, (name, path) in enumerate(models.items()):
         model, meta = model_from_checkpoint(os.path.join(run_dir, path), dev)
         tokenizer = load_tokenizer(meta['data_meta'])
         kl = 0.0 if name == 'SFT' else None  # SFT is the reference; the base model is not a chat model
@@ -243,7 +244,7 @@ def evaluate_models(run_dir, data_dir, n_examples=5):
                              correct=[check_answer(t, r) for t, r in zip(tasks, replies)], val_accuracy=val_acc,
                              val_correct=[check_answer(t, r) for t, r in zip(val_tasks, val_replies)])
         print(f"evaluated {name}: gold accuracy {acc['all']:.1%} on {len(tasks)} test prompts "
-              f"({i + 1}/{len(MODELS)}, {time.time() - t0:.0f} s)", flush=True)
+              f"({i + 1}/{len(models)}, {time.time() - t0:.0f} s)", flush=True)
     return results, examples, len(tasks)
 
 
@@ -317,7 +318,7 @@ def report(run_dir, data_dir, done):
     with open(os.path.join(data_dir, 'prefs', 'meta.json'), encoding='utf-8') as f:
         prefs = json.load(f)['stats']
     last5 = lambda iters, key: sum(r[key] for r in iters[-5:]) / max(1, len(iters[-5:]))
-    models, examples, n_test = evaluate_models(run_dir, data_dir)
+    models, examples, n_test = evaluate_models(run_dir, data_dir, device, seed)
     acc = {name: r['accuracy'] for name, r in models.items()}
     paired, paired_val = ({name: dict(zip(('fixed', 'broken', 'p'), mcnemar(models['SFT'][key], r[key])))
                            for name, r in models.items() if name != 'SFT'} for key in ('correct', 'val_correct'))

@@ -266,3 +266,56 @@ def test_overoptimization_text_reads_the_points():
     assert 'D:' not in text
     assert text.endswith('Best-of-n by the reward model: gold accuracy 30.0% at n = 1, highest 60.0% at n = 16 '
                          '(KL 1.84), 55.0% at n = 64 (KL 3.16).')
+
+
+def test_rl_compare_runs_each_method_from_a_finished_run_at_one_budget(smoke_run, tmp_path):
+    """rl_compare.py: eight ppo.py runs from the run's SFT model, each the reward's recipe config with the shared
+    budget and its method's settings; every model evaluated as the card evaluates; a rerun skips them all."""
+    import rl_compare
+    run_dir, card, _ = smoke_run
+    out, doc = tmp_path / 'cmp', tmp_path / 'cmp.md'
+    args = ['rl_compare.py', f'--run_dir={run_dir}', f'--out_dir={out}', f'--doc={doc}', '--max_iters=2',
+            '--batch_size=8', '--minibatch_size=8', '--ppo_epochs=1', '--eval_interval=1', '--eval_tasks=5']
+    run(args, timeout=1200)
+    config = {d.name: next(r for r in reversed((d / 'metrics.jsonl').read_text().splitlines())
+                           if '"summary"' in r) for d in out.iterdir() if (d / 'metrics.jsonl').exists()}
+    config = {name: json.loads(r)['summary']['config'] for name, r in config.items()}
+    assert sorted(config) == sorted(f'{r}_{m}' for r in ('checker', 'model') for m in rl_compare.METHODS)
+    for name, c in config.items():
+        reward, method = name.split('_')
+        recipe = runpy.run_path(str(ROOT / rl_compare.REWARDS[reward]))
+        assert (c['max_iters'], c['batch_size'], c['minibatch_size'], c['ppo_epochs'], c['seed']) == (2, 8, 8, 1, 1337)
+        assert (c['reward'], c['kl_coef'], c['kl_target'], c['temperature']) == (
+            recipe['reward'], recipe['kl_coef'], recipe['kl_target'], recipe['temperature'])
+        assert rl_method(c)['algorithm'] == {'reinforce': 'reinforce', 'positive': 'reinforce', 'group': 'grpo',
+                                             'critic': 'ppo'}[method]
+        assert c['push_down'] == (method != 'positive') and c['whiten_advantages'] == (method == 'critic')
+    assert config['model_positive']['score_margin'] == 0.5  # the recipe's thresholded learned-reward row
+    # thresholding the checker's 0/1 score at 0 changes nothing: REINFORCE's run, weight for weight
+    a, b = (M.load_checkpoint(str(out / f'checker_{m}' / 'model.pt'))[0]['model'] for m in ('reinforce', 'positive'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the SFT row is the card's SFT row: the same evaluation code on the same model
+    sft = json.loads((out / 'sft_eval.json').read_text())
+    assert sft['accuracy'] == card['accuracy']['SFT'] and sft['val_accuracy'] == card['val_accuracy']['SFT']
+    assert sft['rm_score'] == pytest.approx(card['rm_score']['SFT'])
+    text = doc.read_text()
+    rows = [line for line in text.splitlines() if line.startswith('| checker') or line.startswith('| model')]
+    assert len(rows) == 8 and (tmp_path / 'cmp.png').read_bytes()[:4] == b'\x89PNG'
+    assert rows[3].split(' | ')[11] != '-' and rows[0].split(' | ')[11] == '-'  # explained variance: critic only
+    again = run(args, timeout=1200)
+    assert again.stdout.count('skipped') == 8 and 'evaluated' not in again.stdout
+    assert [line for line in doc.read_text().splitlines() if line.startswith('|')] == \
+        [line for line in text.splitlines() if line.startswith('|')]
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--methods=reinforce,ppo2'], "unknown method 'ppo2'"),
+    (['--rewards=human'], "unknown reward 'human'"),
+    (['--batch_size=12', '--minibatch_size=4'], 'multiple of minibatch_size and of 8'),
+])
+def test_rl_compare_bad_input_fails_before_any_work(smoke_run, tmp_path, args, message):
+    run_dir = smoke_run[0]
+    p = run(['rl_compare.py', f'--run_dir={run_dir}', f'--out_dir={tmp_path / "cmp"}', *args], check=False)
+    assert message in error_line(p) and not (tmp_path / 'cmp').exists()
+    p = run(['rl_compare.py', f'--run_dir={tmp_path}', f'--out_dir={tmp_path / "cmp"}'], check=False)
+    assert 'is not a finished recipe run: no sft/model.pt' in error_line(p)

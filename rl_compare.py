@@ -1,0 +1,236 @@
+"""
+Four ways to turn a reward into a policy gradient, side by side: from one finished `cpu` recipe run's SFT model,
+each method with the task checker as the reward and with the learned reward model, every run with the same
+rollouts (iterations x replies per iteration), the same prompts, the same PPO passes and the same seed. Then
+every model is evaluated by the pipeline's own code (test and val gold accuracy, McNemar against SFT, KL to SFT,
+the reward model's score), and the table and the learning curves are written to docs/rl_compare.md and .png.
+
+    python pipeline.py --out_dir=runs/cpu                  # the SFT and reward models (about 15 minutes)
+    python rl_compare.py --run_dir=runs/cpu                # the eight runs, then the table (about 40 minutes)
+    python rl_compare.py --run_dir=runs/cpu --methods=critic,critic_warmup --rewards=checker   # some of them
+
+The methods (ppo.py's flags on top of the reward's recipe config, config/ppo_tasks_gold.py or
+config/ppo_tasks.py, whose KL settings every method of that reward keeps):
+
+  reinforce  REINFORCE with no baseline: every token of a reply weighed by the reply's score (plus the KL
+             penalties still ahead). A negative reward-model score pushes its reply down; the checker's 0/1 never does
+  positive   thresholded, positive only: max(0, score - score_margin), nothing pushed down (the recipe's rows:
+             margin 0.5 for the reward model's standardised score; 0 for the checker, where it is REINFORCE itself,
+             run again as a check that the two give the same numbers)
+  group      group-relative, as GRPO (Shao et al. 2024): 8 replies per prompt (so 1/8 as many prompts per batch),
+             each scored against its group's mean and std, the below-mean replies pushed down
+  critic     PPO as InstructGPT ran it: a value model (from the reward model, or from the SFT model with a zero
+             head for the checker), GAE (lambda 0.95), whitened advantages
+
+Runs resume: a run whose folder holds done.json from the same command is skipped, and so is its evaluation.
+"""
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+from common import check_settings, fail, write_text_atomic
+from pipeline import evaluate_models, run_stage
+from plots import moving_average, plt, read_run
+
+# -----------------------------------------------------------------------------
+run_dir = 'runs/cpu'          # a finished pipeline.py run: its sft/model.pt, reward/reward.pt and data/
+out_dir = ''                  # where the runs go; default: run_dir/rl_compare
+doc = 'docs/rl_compare.md'    # the table; the learning curves beside it, as .png
+methods = 'reinforce,positive,group,critic'
+rewards = 'checker,model'
+# the budget every run shares: max_iters x batch_size rollouts, each batch used ppo_epochs times in minibatches
+max_iters = 100
+batch_size = 256
+minibatch_size = 64
+ppo_epochs = 2
+eval_interval = 20            # val gold accuracy (greedy) on eval_tasks prompts every so many iterations: the curves
+eval_tasks = 250
+device = 'auto'
+seed = 1337
+# -----------------------------------------------------------------------------
+
+REWARDS = {'checker': 'config/ppo_tasks_gold.py', 'model': 'config/ppo_tasks.py'}
+NO_GROUPS = ['--group_size=1', '--critic=False', '--whiten_advantages=False']
+METHODS = {  # name: (what it is, ppo.py's flags)
+    'reinforce': ('REINFORCE, no baseline', [*NO_GROUPS, '--push_down=True']),
+    'positive': ('thresholded, positive only', [*NO_GROUPS, '--push_down=False']),
+    'group': ('group-relative (GRPO: 8 per prompt, mean and std)',
+              ['--group_size=8', '--group_baseline=mean', '--group_std=True', '--critic=False',
+               '--whiten_advantages=False', '--push_down=True']),
+    'critic': ('PPO: value model, GAE, whitening',
+               ['--group_size=1', '--critic=True', '--whiten_advantages=True', '--push_down=True']),
+}
+
+
+def run_command(method, reward, folder):
+    """ppo.py's arguments for one run: the reward's recipe config, the shared budget, then the method."""
+    return ['ppo.py', REWARDS[reward], f"--init_from={os.path.join(run_dir, 'sft')}",
+            f"--reward_model={os.path.join(run_dir, 'reward')}", f"--data_dir={os.path.join(run_dir, 'data')}",
+            f'--out_dir={folder}', f'--seed={seed}', f'--device={device}', f'--max_iters={max_iters}',
+            f'--batch_size={batch_size}', f'--minibatch_size={minibatch_size}', f'--ppo_epochs={ppo_epochs}',
+            f'--eval_interval={eval_interval}', f'--eval_tasks={eval_tasks}', '--eval_test=False',
+            *METHODS[method][1]]
+
+
+def read_json(path):
+    with open(path, encoding='utf-8') as f:
+        return json.load(f)
+
+
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def training_stats(folder):
+    """What a run's metrics.jsonl says about its training: rollouts' gold accuracy and the controller's KL at the
+    start and the end (means of 5 iterations), seconds in the iterations, the critic's explained variance, and
+    the advantages (mean and std before whitening, the fraction of reply tokens pushed down), over all iterations."""
+    iters, evals, summary = read_run(folder)
+    ends = lambda key: (mean(r[key] for r in iters[:5]), mean(r[key] for r in iters[-5:]))
+    return dict(gold=ends('gold_accuracy'), kl=ends('kl'), beta=iters[-1]['kl_coef'],
+                seconds=sum(r['seconds'] for r in iters), explained_variance=ends('explained_variance'),
+                advantage_mean=mean(r['advantage_mean'] for r in iters),
+                advantage_std=mean(r['advantage_std'] for r in iters),
+                advantage_negative=mean(r['advantage_negative'] for r in iters),
+                val_curve=[(e['iter'], e['accuracy']['all']) for e in evals if 'accuracy' in e],
+                rollout_gold=[(r['iter'], r['gold_accuracy']) for r in iters])
+
+
+def cpu_model():
+    """The machine, as lscpu names it, and what its vector units have (the speed of every number here)."""
+    try:
+        out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
+        name = next(line.split(':', 1)[1].strip() for line in out.splitlines() if line.startswith('Model name'))
+        flags = next(line.split(':', 1)[1].split() for line in out.splitlines() if line.startswith('Flags'))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or 'unknown CPU'
+    have = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags]
+    return f"{name} ({', '.join(have) or 'no AVX2'})"
+
+
+def curves_png(runs, reward_names, path, smooth=5):
+    """One column per reward: val gold accuracy (greedy) at each evaluation, and the rollouts' gold accuracy."""
+    fig, axes = plt.subplots(2, len(reward_names), figsize=(6 * len(reward_names), 7), squeeze=False)
+    for col, reward in enumerate(reward_names):
+        top, bottom = axes[0][col], axes[1][col]
+        for (m, r), s in runs.items():
+            if r != reward:
+                continue
+            top.plot(*zip(*s['val_curve']), marker='o', ms=3, label=METHODS[m][0])
+            xs, ys = zip(*s['rollout_gold'])
+            bottom.plot(xs, moving_average(ys, smooth), label=METHODS[m][0])
+        top.set_title(f"{reward} reward: val gold accuracy (greedy, {eval_tasks} prompts)", fontsize=10)
+        bottom.set_title(f"{reward} reward: the rollouts' gold accuracy (T = 0.7, mean of {smooth})", fontsize=10)
+        for ax in (top, bottom):
+            ax.set_xlabel('iteration', fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=8)
+        top.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(runs, evals, sft):
+    """The Markdown table: one row per run, SFT first."""
+    from tasks import mcnemar
+    pct = lambda x: f"{100 * x:.1f}%"
+
+    def vs_sft(e, key):
+        fixed, broken, p = mcnemar(sft[key], e[key])
+        return f"{fixed} / {broken}, p = {p:.2g}"
+    head = ['reward', 'method', 'test', 'test vs SFT: fixed / broken, p', 'val', 'val vs SFT', 'KL to SFT',
+            'reward-model score', 'rollout gold acc (first 5 -> last 5)', "controller's KL (last 5), beta",
+            'train s', 'explained variance (first 5 -> last 5)', 'advantage mean / std, pushed down']
+    rows = ['| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|',
+            f"| - | SFT (the start) | **{pct(sft['accuracy']['all'])}** | - | {pct(sft['val_accuracy']['all'])} | - | "
+            f"0 | {sft['rm_score']:+.3f} | - | - | - | - | - |"]
+    for (m, r), s in runs.items():
+        e = evals[m, r]
+        ev = s['explained_variance']
+        rows.append(
+            f"| {r} | {METHODS[m][0]} | **{pct(e['accuracy']['all'])}** | {vs_sft(e, 'correct')} | "
+            f"{pct(e['val_accuracy']['all'])} | {vs_sft(e, 'val_correct')} | {e['kl']:.2f} | {e['rm_score']:+.3f} | "
+            f"{pct(s['gold'][0])} -> {pct(s['gold'][1])} | {s['kl'][1]:.2f}, {s['beta']:.3g} | {s['seconds']:.0f} | "
+            + (f"{ev[0]:.2f} -> {ev[1]:.2f}" if ev[0] is not None else '-') + ' | '
+            f"{s['advantage_mean']:+.3f} / {s['advantage_std']:.3f}, {pct(s['advantage_negative'])} |")
+    return '\n'.join(rows)
+
+
+# -----------------------------------------------------------------------------
+if __name__ == '__main__':
+    from configurator import apply_config
+    apply_config(globals())
+    check_settings(globals(), positive=('max_iters', 'batch_size', 'minibatch_size', 'ppo_epochs', 'eval_interval',
+                                        'eval_tasks'))
+    methods_list, rewards_list = methods.split(','), rewards.split(',')
+    for name, given, known in (('method', methods_list, METHODS), ('reward', rewards_list, REWARDS)):
+        unknown = [x for x in given if x not in known]
+        if unknown or not given:
+            fail(f"unknown {name} '{','.join(unknown)}'; choose from {', '.join(known)}")
+    for need in ('sft/model.pt', 'reward/reward.pt', 'data/tasks/test.jsonl'):
+        if not os.path.isfile(os.path.join(run_dir, need)):
+            fail(f"{run_dir} is not a finished recipe run: no {need} (run python pipeline.py --out_dir={run_dir})")
+    if batch_size % minibatch_size or batch_size % 8:
+        fail(f"batch_size must be a multiple of minibatch_size and of 8 (the group method's groups); got {batch_size}")
+    run_dir = os.path.abspath(run_dir)
+    out_dir = os.path.abspath(out_dir or os.path.join(run_dir, 'rl_compare'))
+    os.makedirs(out_dir, exist_ok=True)
+
+    # 1. the runs, one at a time (each its own process, as the pipeline's stages)
+    t_start, pairs = time.time(), [(m, r) for r in rewards_list for m in methods_list]
+    for i, (m, r) in enumerate(pairs):
+        folder = os.path.join(out_dir, f'{r}_{m}')
+        cmd = run_command(m, r, folder)
+        line = ' '.join([os.path.basename(sys.executable), *cmd])
+        marker = os.path.join(folder, 'done.json')
+        if os.path.exists(marker) and read_json(marker)['command'] == line:
+            print(f"=== {r}_{m}: done ({read_json(marker)['seconds']:.0f} s); skipped")
+            continue
+        shutil.rmtree(folder, ignore_errors=True)  # an interrupted run starts again from scratch, as a stage does
+        t0 = time.time()
+        run_stage(f'{r}_{m}', f"[{i + 1}/{len(pairs)}] {line}", line, cmd,
+                  os.path.join(out_dir, 'logs', f'{r}_{m}.log'))
+        write_text_atomic(marker, json.dumps(dict(seconds=time.time() - t0, command=line)))
+
+    # 2. every model evaluated by the pipeline's code (cached in each folder: eval.json)
+    keep = ('accuracy', 'val_accuracy', 'correct', 'val_correct', 'rm_score', 'kl')
+    todo = {'SFT': os.path.join(run_dir, 'sft', 'model.pt')}
+    todo.update({f'{r}_{m}': os.path.join(out_dir, f'{r}_{m}', 'model.pt') for m, r in pairs
+                 if not os.path.exists(os.path.join(out_dir, f'{r}_{m}', 'eval.json'))})
+    if len(todo) > 1 or not os.path.exists(os.path.join(out_dir, 'sft_eval.json')):
+        results = evaluate_models(run_dir, os.path.join(run_dir, 'data'), device, seed, models=todo)[0]
+        for name, res in results.items():
+            path = os.path.join(out_dir, 'sft_eval.json' if name == 'SFT' else os.path.join(name, 'eval.json'))
+            write_text_atomic(path, json.dumps({k: res[k] for k in keep}))
+    sft = read_json(os.path.join(out_dir, 'sft_eval.json'))
+    evals = {(m, r): read_json(os.path.join(out_dir, f'{r}_{m}', 'eval.json')) for m, r in pairs}
+    runs = {(m, r): training_stats(os.path.join(out_dir, f'{r}_{m}')) for m, r in pairs}
+
+    # 3. the table and the curves
+    png = os.path.splitext(doc)[0] + '.png'
+    curves_png(runs, rewards_list, png)
+    command = ' '.join(['python', *sys.argv])
+    lines = ['# RL methods side by side: REINFORCE, positive-only, group-relative, PPO with a critic', '',
+             f"`{command}` ({time.strftime('%Y-%m-%d')}), on {cpu_model()}, torch {torch.__version__} with",
+             f"{torch.get_num_threads()} threads. From {run_dir}'s SFT model; every run "
+             f"{max_iters} iterations of {batch_size} rollouts ({max_iters * batch_size:,} replies, T = 0.7), "
+             f"{ppo_epochs} passes in minibatches of {minibatch_size}, seed {seed}; each method on top of the "
+             f"reward's recipe config ({', '.join(f'{k}: {v}' for k, v in REWARDS.items())}).", '',
+             "Test and val: greedy gold accuracy on every test and val prompt, McNemar's exact test against SFT. "
+             "KL to SFT: nats per reply sampled at T = 1 on the val prompts (the report card's estimator). "
+             "Reward-model score: the learned reward model's standardised score of the greedy test replies. "
+             "Train s: the iterations' seconds (evaluations excluded). Advantages: the mean and std over reply "
+             "tokens before whitening, and the fraction of reply tokens below zero (pushed down), averaged over "
+             "iterations.", '', table(runs, evals, sft), '',
+             f"![learning curves]({os.path.basename(png)})", '']
+    write_text_atomic(doc, '\n'.join(lines))
+    print('\n'.join(lines))
+    print(f"{len(pairs)} runs compared in {time.time() - t_start:.0f} s this run: {doc}, {png}")

@@ -110,6 +110,8 @@ critic = False               # False: no value model; each reply token's advanta
                              # score, plus the KL penalties still ahead), as in REINFORCE. With a 0/1 reward and
                              # whiten_advantages = False only the replies that scored are pushed up, none down
 whiten_advantages = False    # True: standardise the advantages over each batch (this subtracts their mean: a baseline)
+value_warmup = 0             # with a critic: for this many first iterations only the value model trains (the policy
+                             # waits for a baseline that is better than the one it starts with)
 # optimisation: the policy (LoRA, or every weight with lora_rank = 0) and the value model (every weight)
 lora_rank = 8
 lora_alpha = 16.0
@@ -202,12 +204,14 @@ if __name__ == '__main__':
                                         'ppo_epochs', 'minibatch_size', 'clip_range',
                                         'learning_rate', 'eval_interval', 'log_interval', 'lora_alpha'),
                    non_negative=('kl_coef', 'kl_target', 'score_margin', 'down_weight', 'value_learning_rate',
-                                 'max_iters', 'weight_decay', 'grad_clip', 'eval_tasks'),
+                                 'value_warmup', 'max_iters', 'weight_decay', 'grad_clip', 'eval_tasks'),
                    fractions=('lora_dropout', 'beta1', 'beta2', 'clip_range'),
                    choices={'reward': ('model', 'gold'), 'group_baseline': ('leave_one_out', 'mean', 'none'),
                             'token_credit': ('reply', 'prefix')})
     if token_credit == 'prefix' and (group_size < 2 or critic):
         fail("token_credit='prefix' needs groups (group_size > 1) and no critic (--critic=False)")
+    if value_warmup and not critic:
+        fail("value_warmup trains the value model alone first: it needs --critic=True")
     if kl_target > 0 and kl_coef == 0:
         fail("the adaptive controller multiplies beta: with kl_target > 0 start from kl_coef > 0")
     if batch_size % minibatch_size:
@@ -482,6 +486,7 @@ if __name__ == '__main__':
 
         # 4. PPO: ppo_epochs passes of minibatches over the rollouts, each step the clipped objective
         stats = []
+        train_policy = iter_num >= value_warmup  # else the critic alone learns from these rollouts
         order_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         for epoch in range(ppo_epochs):
             order = torch.randperm(batch_size, generator=order_gen).tolist()
@@ -490,7 +495,8 @@ if __name__ == '__main__':
                 T = max(ro['lengths'][i] for i in mb)  # trim the padding this minibatch does not need
                 mb_idx, mb_mask = idx[mb, :T], mask[mb, :T - 1]
                 with ctx:
-                    logprobs, entropy = policy_ddp(mb_idx)
+                    with torch.set_grad_enabled(train_policy):  # no graph to wait for a backward (DDP would)
+                        logprobs, entropy = policy_ddp(mb_idx)
                     pg_loss, clip_frac, approx_kl = policy_loss(logprobs.float(), old_logprobs[mb, :T - 1],
                                                                 advantages[mb, :T - 1], mb_mask, clip_range)
                     ent = masked_mean(entropy.float(), mb_mask)
@@ -500,8 +506,8 @@ if __name__ == '__main__':
                         vf_loss, vf_clip_frac = value_loss(values, old_values[mb, :T - 1], returns[mb, :T - 1],
                                                            mb_mask, clip_range)
                     # two separate networks: one backward pass serves both, each its own optimizer
-                    loss = pg_loss + vf_loss
-                optimizers = [policy_optimizer] + ([value_optimizer] if critic else [])
+                    loss = (pg_loss if train_policy else 0) + vf_loss
+                optimizers = ([policy_optimizer] if train_policy else []) + ([value_optimizer] if critic else [])
                 scaler.scale(loss).backward()
                 if grad_clip > 0:
                     for opt in optimizers:

@@ -568,6 +568,26 @@ def test_without_a_critic_the_advantage_is_the_reward_to_go():
         assert torch.equal(adv, ret)
 
 
+def test_value_warmup_trains_the_critic_alone_first(toy):
+    """--value_warmup=N: for the first N iterations the value model learns and the policy stays the SFT model."""
+    out = toy / 'out-warmup'
+    common = [f'--out_dir={out}', f'--data_dir={toy}', '--reward=gold', '--critic=True', '--lora_rank=0',
+              '--learning_rate=1e-3', '--eval_tasks=0', *PPO_TINY]
+    run(['ppo.py', f'--init_from={toy / "sft"}', '--max_iters=2', '--value_warmup=2', *common])
+    sft = M.load_checkpoint(str(toy / 'sft' / 'model.pt'))[0]['model']
+    ckpt, _ = M.load_checkpoint(str(out / 'ckpt.pt'))
+    assert all(torch.equal(ckpt['model'][k], v) for k, v in sft.items())
+    assert not torch.equal(ckpt['value_model']['head.weight'], torch.zeros_like(ckpt['value_model']['head.weight']))
+    iters = [r for r in read_metrics(out) if 'kl' in r and 'eval' not in r]
+    assert all(r['kl'] == 0 for r in iters)  # the rollouts came from the SFT model itself
+    run(['ppo.py', '--init_from=resume', '--max_iters=3', '--value_warmup=2', *common])  # then the policy moves
+    ckpt, _ = M.load_checkpoint(str(out / 'ckpt.pt'))
+    assert not all(torch.equal(ckpt['model'][k], v) for k, v in sft.items())
+    p = run(['ppo.py', f'--init_from={toy / "sft"}', f'--out_dir={toy / "never"}', f'--data_dir={toy}',
+             '--reward=gold', '--value_warmup=2', *PPO_TINY], check=False)
+    assert 'value_warmup trains the value model alone first: it needs --critic=True' in error_line(p)
+
+
 def test_ppo_script_without_a_critic_learns_and_resumes(toy):
     """--critic=False --whiten_advantages=False: no value model at all (none in the checkpoint, no value
     statistics), a 0/1 reward only pushes correct replies up, and the toy's answer is still learned."""

@@ -66,6 +66,12 @@ METHODS = {  # name: (what it is, ppo.py's flags)
     'critic': ('PPO: value model, GAE, whitening',
                ['--group_size=1', '--critic=True', '--whiten_advantages=True', '--push_down=True']),
 }
+CRITIC = METHODS['critic'][1]
+METHODS.update({  # the critic's fixes tried (docs/rl_compare.md says why each): --methods=critic,critic_warmup,...
+    'critic_warmup': ('PPO, the value model trained alone for 10 iterations first', [*CRITIC, '--value_warmup=10']),
+    'critic_lam0': ('PPO, lambda 0 (one-step TD advantages)', [*CRITIC, '--lam=0']),
+    'critic_value_lr': ('PPO, value model learning rate 1e-3', [*CRITIC, '--value_learning_rate=1e-3']),
+})
 
 
 def run_command(method, reward, folder):

@@ -280,7 +280,7 @@ def test_rl_compare_runs_each_method_from_a_finished_run_at_one_budget(smoke_run
     config = {d.name: next(r for r in reversed((d / 'metrics.jsonl').read_text().splitlines())
                            if '"summary"' in r) for d in out.iterdir() if (d / 'metrics.jsonl').exists()}
     config = {name: json.loads(r)['summary']['config'] for name, r in config.items()}
-    assert sorted(config) == sorted(f'{r}_{m}' for r in ('checker', 'model') for m in rl_compare.METHODS)
+    assert sorted(config) == sorted(f'{r}_{m}' for r in ('checker', 'model') for m in rl_compare.methods.split(','))
     for name, c in config.items():
         reward, method = name.split('_')
         recipe = runpy.run_path(str(ROOT / rl_compare.REWARDS[reward]))
@@ -306,6 +306,15 @@ def test_rl_compare_runs_each_method_from_a_finished_run_at_one_budget(smoke_run
     assert again.stdout.count('skipped') == 8 and 'evaluated' not in again.stdout
     assert [line for line in doc.read_text().splitlines() if line.startswith('|')] == \
         [line for line in text.splitlines() if line.startswith('|')]
+
+
+def test_every_rl_compare_method_passes_only_settings_ppo_has():
+    import re
+    import rl_compare
+    script = (ROOT / 'ppo.py').read_text()
+    for name, (_, args) in rl_compare.METHODS.items():
+        for arg in args:
+            assert re.search(rf'^{arg[2:].split("=")[0]} = ', script, re.M), (name, arg)
 
 
 @pytest.mark.parametrize('args,message', [

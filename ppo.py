@@ -38,7 +38,7 @@ minibatch.
 Logs per iteration (metrics.jsonl): mean score of the rollouts (the reward model's, or gold), their gold
 accuracy, KL to the reference, beta, PPO's clip fraction, the approximate KL between the policy before and
 after the update, entropy, value loss and explained variance (null with critic = False), the advantages' mean
-and std over reply tokens (before whitening) and the fraction of them below zero (pushed down). Gold accuracy
+and std over reply tokens (before whitening) and the share of their weight that pushes replies down. Gold accuracy
 per skill on held-out prompts (greedy) before, during and after. Writes out_dir/ckpt.pt (the training
 state, --init_from=resume; sample.py loads it) and out_dir/model.pt (the policy with adapters merged:
 a plain GPT).
@@ -481,7 +481,7 @@ if __name__ == '__main__':
         adv_mean, adv_std, _ = advantage_stats(advantages, mask)  # before whitening: the scale the rewards gave
         if whiten_advantages:
             advantages = masked_whiten(advantages, mask)
-        adv_negative = advantage_stats(advantages, mask)[2]  # after: the fraction of reply tokens pushed down
+        push_down_share = advantage_stats(advantages, mask)[2]  # after: how much of the push is downwards
         kl_per_reply = ((old_logprobs - ref_logprobs) * mask).sum(1)  # a sample of KL(pi || ref) per reply
 
         # 4. PPO: ppo_epochs passes of minibatches over the rollouts, each step the clipped objective
@@ -549,7 +549,7 @@ if __name__ == '__main__':
                       reward_total=total_reward, clip_frac=clip_f, approx_kl=approx_kl_f, entropy=rollout_entropy,
                       policy_loss=pg_l, value_loss=vf_l if critic else None,
                       value_clip_frac=vf_clip_f if critic else None, explained_variance=expl_var if critic else None,
-                      advantage_mean=adv_mean, advantage_std=adv_std, advantage_negative=adv_negative,
+                      advantage_mean=adv_mean, advantage_std=adv_std, push_down_share=push_down_share,
                       reply_tokens=reply_len, ended=ended_frac, seconds=dt, rollout_seconds=t_rollout,
                       example={'prompt': batch_prompts[0]['prompt'][-1]['content'], 'reply': texts[0]})
         if master_process and (iter_num % log_interval == 0 or iter_num == max_iters):

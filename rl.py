@@ -24,11 +24,13 @@ def masked_whiten(x, mask, eps=1e-8):
 
 
 def advantage_stats(advantages, mask):
-    """What the policy gradient is told, over the reply tokens: the advantages' mean and std, and the fraction
-    below zero (tokens pushed down)."""
+    """What the policy gradient is told, over the reply tokens: the advantages' mean and std, and the share of
+    their weight that pushes down, sum |A| over the negative ones / sum |A| (0: nothing is pushed down; 0.5: as
+    much down as up). A share, not a count: the tiny KL penalties of a reply that scored 0 count for little."""
     mean = masked_mean(advantages, mask)
     std = masked_mean((advantages - mean) ** 2, mask).sqrt()
-    return mean.item(), std.item(), masked_mean((advantages < 0).float(), mask).item()
+    weights = advantages * mask
+    return mean.item(), std.item(), ((-weights).clamp(min=0).sum() / weights.abs().sum().clamp(min=1e-12)).item()
 
 
 def kl_penalty(logprobs, ref_logprobs, kl_coef):

@@ -22,7 +22,8 @@ config/ppo_tasks.py, whose KL settings every method of that reward keeps):
   critic     PPO as InstructGPT ran it: a value model (from the reward model, or from the SFT model with a zero
              head for the checker), GAE (lambda 0.95), whitened advantages
 
-Runs resume: a run whose folder holds done.json from the same command is skipped, and so is its evaluation.
+Runs resume: a run whose folder holds done.json from the same command is skipped, and so is its evaluation. The
+table has a row for every run in out_dir made at these settings, so a later call with a fix adds its row.
 """
 import json
 import os
@@ -71,6 +72,10 @@ METHODS.update({  # the critic's fixes tried (docs/rl_compare.md says why each):
     'critic_warmup': ('PPO, the value model trained alone for 10 iterations first', [*CRITIC, '--value_warmup=10']),
     'critic_lam0': ('PPO, lambda 0 (one-step TD advantages)', [*CRITIC, '--lam=0']),
     'critic_value_lr': ('PPO, value model learning rate 1e-3', [*CRITIC, '--value_learning_rate=1e-3']),
+    'critic_no_whiten': ('PPO without whitening (the critic the only baseline)',
+                         [*CRITIC, '--whiten_advantages=False']),
+    'critic_up_only': ('PPO, pushes up only (advantages below 0 set to 0, no whitening)',
+                       [*CRITIC, '--whiten_advantages=False', '--down_weight=0']),
 })
 
 
@@ -97,14 +102,14 @@ def mean(xs):
 def training_stats(folder):
     """What a run's metrics.jsonl says about its training: rollouts' gold accuracy and the controller's KL at the
     start and the end (means of 5 iterations), seconds in the iterations, the critic's explained variance, and
-    the advantages (mean and std before whitening, the fraction of reply tokens pushed down), over all iterations."""
+    the advantages (mean and std before whitening, the share of their weight pushing down), over all iterations."""
     iters, evals, summary = read_run(folder)
     ends = lambda key: (mean(r[key] for r in iters[:5]), mean(r[key] for r in iters[-5:]))
     return dict(gold=ends('gold_accuracy'), kl=ends('kl'), beta=iters[-1]['kl_coef'],
                 seconds=sum(r['seconds'] for r in iters), explained_variance=ends('explained_variance'),
                 advantage_mean=mean(r['advantage_mean'] for r in iters),
                 advantage_std=mean(r['advantage_std'] for r in iters),
-                advantage_negative=mean(r['advantage_negative'] for r in iters),
+                push_down_share=mean(r['push_down_share'] for r in iters),
                 val_curve=[(e['iter'], e['accuracy']['all']) for e in evals if 'accuracy' in e],
                 rollout_gold=[(r['iter'], r['gold_accuracy']) for r in iters])
 
@@ -154,7 +159,7 @@ def table(runs, evals, sft):
         return f"{fixed} / {broken}, p = {p:.2g}"
     head = ['reward', 'method', 'test', 'test vs SFT: fixed / broken, p', 'val', 'val vs SFT', 'KL to SFT',
             'reward-model score', 'rollout gold acc (first 5 -> last 5)', "controller's KL (last 5), beta",
-            'train s', 'explained variance (first 5 -> last 5)', 'advantage mean / std, pushed down']
+            'train s', 'explained variance (first 5 -> last 5)', 'advantage mean / std; share pushing down']
     rows = ['| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|',
             f"| - | SFT (the start) | **{pct(sft['accuracy']['all'])}** | - | {pct(sft['val_accuracy']['all'])} | - | "
             f"0 | {sft['rm_score']:+.3f} | - | - | - | - | - |"]
@@ -166,7 +171,7 @@ def table(runs, evals, sft):
             f"{pct(e['val_accuracy']['all'])} | {vs_sft(e, 'val_correct')} | {e['kl']:.2f} | {e['rm_score']:+.3f} | "
             f"{pct(s['gold'][0])} -> {pct(s['gold'][1])} | {s['kl'][1]:.2f}, {s['beta']:.3g} | {s['seconds']:.0f} | "
             + (f"{ev[0]:.2f} -> {ev[1]:.2f}" if ev[0] is not None else '-') + ' | '
-            f"{s['advantage_mean']:+.3f} / {s['advantage_std']:.3f}, {pct(s['advantage_negative'])} |")
+            f"{s['advantage_mean']:+.3f} / {s['advantage_std']:.3f}; {pct(s['push_down_share'])} |")
     return '\n'.join(rows)
 
 
@@ -191,13 +196,19 @@ if __name__ == '__main__':
     os.makedirs(out_dir, exist_ok=True)
 
     # 1. the runs, one at a time (each its own process, as the pipeline's stages)
+    def finished(m, r):
+        """Whether out_dir holds this run, made by the command these settings give."""
+        marker = os.path.join(out_dir, f'{r}_{m}', 'done.json')
+        return os.path.exists(marker) and read_json(marker)['command'] == command_line(m, r)
+
+    def command_line(m, r):
+        return ' '.join([os.path.basename(sys.executable), *run_command(m, r, os.path.join(out_dir, f'{r}_{m}'))])
+
     t_start, pairs = time.time(), [(m, r) for r in rewards_list for m in methods_list]
     for i, (m, r) in enumerate(pairs):
         folder = os.path.join(out_dir, f'{r}_{m}')
-        cmd = run_command(m, r, folder)
-        line = ' '.join([os.path.basename(sys.executable), *cmd])
-        marker = os.path.join(folder, 'done.json')
-        if os.path.exists(marker) and read_json(marker)['command'] == line:
+        cmd, line, marker = run_command(m, r, folder), command_line(m, r), os.path.join(folder, 'done.json')
+        if finished(m, r):
             print(f"=== {r}_{m}: done ({read_json(marker)['seconds']:.0f} s); skipped")
             continue
         shutil.rmtree(folder, ignore_errors=True)  # an interrupted run starts again from scratch, as a stage does
@@ -206,7 +217,9 @@ if __name__ == '__main__':
                   os.path.join(out_dir, 'logs', f'{r}_{m}.log'))
         write_text_atomic(marker, json.dumps(dict(seconds=time.time() - t0, command=line)))
 
-    # 2. every model evaluated by the pipeline's code (cached in each folder: eval.json)
+    # 2. every model evaluated by the pipeline's code (cached in each folder: eval.json): these runs, and those an
+    # earlier call left in out_dir at the same budget (a fix tried later adds its row to the table)
+    pairs = [(m, r) for r in REWARDS for m in METHODS if finished(m, r)]
     keep = ('accuracy', 'val_accuracy', 'correct', 'val_correct', 'rm_score', 'kl')
     todo = {'SFT': os.path.join(run_dir, 'sft', 'model.pt')}
     todo.update({f'{r}_{m}': os.path.join(out_dir, f'{r}_{m}', 'model.pt') for m, r in pairs
@@ -234,9 +247,9 @@ if __name__ == '__main__':
              "KL to SFT: nats per reply sampled at T = 1 on the val prompts (the report card's estimator). "
              "Reward-model score: the learned reward model's standardised score of the greedy test replies. "
              "Train s: the iterations' seconds (evaluations excluded). Advantages: the mean and std over reply "
-             "tokens before whitening, and the fraction of reply tokens below zero (pushed down), averaged over "
-             "iterations.", '', table(runs, evals, sft), '',
+             "tokens before whitening, and the share of their weight (sum of |A|) on tokens pushed down, "
+             "averaged over iterations.", '', table(runs, evals, sft), '',
              f"![learning curves]({os.path.basename(png)})", '']
     write_text_atomic(doc, '\n'.join(lines))
     print('\n'.join(lines))
-    print(f"{len(pairs)} runs compared in {time.time() - t_start:.0f} s this run: {doc}, {png}")
+    print(f"{len(pairs)} runs compared ({time.time() - t_start:.0f} s this call): {doc}, {png}")

@@ -130,11 +130,13 @@ def test_explained_variance_and_whitening_by_hand():
 
 
 def test_advantage_stats_by_hand():
-    # reply tokens -1, 0, 2, 3 (the padding's -50 does not count): mean 1, variance (4 + 1 + 1 + 4) / 4, one below 0
+    # reply tokens -1, 0, 2, 3 (the padding's -50 does not count): mean 1, variance (4 + 1 + 1 + 4) / 4, and of
+    # the weight |-1| + |2| + |3| = 6 the part 1 pushes down
     adv = torch.tensor([[-1.0, 0.0, -50.0], [2.0, 3.0, -50.0]])
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
-    mean, std, negative = advantage_stats(adv, m)
-    assert mean == pytest.approx(1.0) and std == pytest.approx(math.sqrt(2.5)) and negative == pytest.approx(0.25)
+    mean, std, down = advantage_stats(adv, m)
+    assert mean == pytest.approx(1.0) and std == pytest.approx(math.sqrt(2.5)) and down == pytest.approx(1 / 6)
+    assert advantage_stats(torch.zeros(2, 3), m)[2] == 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -354,7 +356,7 @@ def test_ppo_script_learns_the_gold_answer(toy):
     iters = [r for r in records if 'kl' in r and 'eval' not in r]
     assert len(iters) == 12
     for key in ('score', 'gold_accuracy', 'kl', 'kl_coef', 'clip_frac', 'approx_kl', 'entropy', 'value_loss',
-                'explained_variance', 'advantage_mean', 'advantage_std', 'advantage_negative'):
+                'explained_variance', 'advantage_mean', 'advantage_std', 'push_down_share'):
         assert all(isinstance(r[key], float) for r in iters), key
     first, last = iters[0], iters[-1]
     assert first['score'] == first['gold_accuracy'] < 0.3  # the letter it likes least

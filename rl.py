@@ -188,6 +188,33 @@ def logprobs_and_entropy(model, idx, vocab_limit=None, temperature=1.0):
     return logprobs, entropy
 
 
+def gradient_noise(model, idx, mask, weightings, vocab_limit=None, temperature=1.0):
+    """How noisy a policy-gradient estimate is under several weightings of the same replies (the advantages that
+    different baselines give them). With g_i the gradient of log pi(reply i) over every trainable weight and w_i a
+    reply's weight, the estimate is mean_i w_i g_i. Returns, per weighting, 'signal': the squared length of that
+    mean, and 'noise': the trace of the covariance of w_i g_i (mean_i w_i^2 |g_i|^2 - signal), what one reply adds
+    and a batch of n divides by n; and every |g_i|^2. A baseline b leaves the expected gradient as it is and the
+    noise at mean_i (R_i - b)^2 |g_i|^2 - signal: it lowers the noise only where the replies it weighs most have
+    small gradients."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums = {name: [torch.zeros_like(p) for p in params] for name in weightings}
+    norms = []
+    for i in range(idx.shape[0]):  # one reply at a time: per-reply gradients, never stored
+        T = int(mask[i].nonzero().max()) + 2
+        logprobs, _ = logprobs_and_entropy(model, idx[i:i + 1, :T], vocab_limit, temperature)
+        grads = torch.autograd.grad((logprobs * mask[i:i + 1, :T - 1]).sum(), params)
+        norms.append(sum((g.float() ** 2).sum() for g in grads))
+        for name, w in weightings.items():
+            for s, g in zip(sums[name], grads):
+                s.add_(g, alpha=float(w[i]))
+    norms, n = torch.stack(norms), idx.shape[0]
+    stats = {}
+    for name, w in weightings.items():
+        signal = sum(((s / n).float() ** 2).sum() for s in sums[name]).item()
+        stats[name] = dict(signal=signal, noise=(w.float() ** 2 * norms).mean().item() - signal)
+    return stats, norms
+
+
 @torch.no_grad()
 def reference_logprobs(policy, ref_model, idx, vocab_limit=None, temperature=1.0):
     """Log-probs under the frozen supervised model (at the same temperature as the policy): ref_model if there

@@ -17,7 +17,7 @@ import tokenizer as TK
 from conftest import error_line, read_metrics, run
 from plots import compare_runs
 from ppo import ValueModel
-from rl import (KLController, advantage_stats, explained_variance, gae, group_advantages, kl_penalty, leave_one_out,
+from rl import (KLController, advantage_stats, explained_variance, gae, gradient_noise, group_advantages, kl_penalty, leave_one_out,
                 logprobs_and_entropy, masked_mean, masked_whiten, place_on_mask, policy_loss, prefix_advantages,
                 reference_logprobs, rollout, token_rewards, value_loss, weigh_down_pushes)
 from test_dpo import tiny_gpt, write_jsonl
@@ -613,3 +613,33 @@ def test_ppo_script_without_a_critic_learns_and_resumes(toy):
     p = run(['ppo.py', '--init_from=resume', '--max_iters=13', '--critic=True',
              *[a for a in common if a != '--critic=False']], check=False)
     assert 'trained with --critic=False' in error_line(p)
+
+
+def test_gradient_noise_against_stacked_per_reply_gradients():
+    """rl.gradient_noise against the slow path: every reply's gradient of its summed log-probs (from the model's own
+    logits, log_softmax written out), stacked into a matrix, then the mean and covariance by numpy."""
+    import numpy as np
+    model = tiny_gpt(seed=3)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 300, (6, 9), generator=g)
+    mask = torch.zeros(6, 8, dtype=torch.bool)
+    for i, (start, end) in enumerate([(2, 8), (3, 6), (1, 4), (4, 8), (2, 3), (5, 7)]):
+        mask[i, start:end] = True  # reply tokens; the rest is prompt or padding
+    R = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    weightings = {'none': R, 'mean': R - R.mean(), 'other': torch.tensor([0.5, -2.0, 1.0, 0.0, 3.0, -1.0])}
+    stats, norms = gradient_noise(model, idx, mask, weightings, temperature=0.7)
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(6):
+        logits = model(idx[i:i + 1, :-1], targets=idx[i:i + 1, 1:])[0][0] / 0.7  # logits at every position
+        logp = logits - logits.exp().sum(-1, keepdim=True).log()
+        total = sum(logp[t, idx[i, t + 1]] for t in range(8) if mask[i, t])
+        rows.append(torch.cat([x.flatten() for x in torch.autograd.grad(total, params)]).numpy())
+    G = np.stack(rows).astype(np.float64)  # (replies, weights)
+    assert norms.numpy() == pytest.approx((G ** 2).sum(1), rel=1e-4)
+    for name, w in weightings.items():
+        est = w.numpy()[:, None] * G
+        mean = est.mean(0)
+        assert stats[name]['signal'] == pytest.approx((mean ** 2).sum(), rel=1e-4)
+        assert stats[name]['noise'] == pytest.approx(((est - mean) ** 2).sum(1).mean(), rel=1e-4)

@@ -28,6 +28,7 @@ table has a row for every run in out_dir made at these settings, so a later call
 import json
 import os
 import platform
+import runpy
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ import torch
 
 from common import check_settings, fail, write_text_atomic
 from pipeline import evaluate_models, run_stage
-from plots import moving_average, plt, read_run
+from plots import moving_average, plt, read_jsonl, read_run
 
 # -----------------------------------------------------------------------------
 run_dir = 'runs/cpu'          # a finished pipeline.py run: its sft/model.pt, reward/reward.pt and data/
@@ -52,10 +53,12 @@ minibatch_size = 64
 ppo_epochs = 2
 eval_interval = 20            # val gold accuracy (greedy) on eval_tasks prompts every so many iterations: the curves
 eval_tasks = 250
+noise_prompts = 32            # the noise diagnostic: this many train prompts x 8 replies from the SFT model (0: none)
 device = 'auto'
 seed = 1337
 # -----------------------------------------------------------------------------
 
+NOTES = '## What the table shows'  # this heading and what follows it in doc are kept when the table is written again
 REWARDS = {'checker': 'config/ppo_tasks_gold.py', 'model': 'config/ppo_tasks.py'}
 NO_GROUPS = ['--group_size=1', '--critic=False', '--whiten_advantages=False']
 METHODS = {  # name: (what it is, ppo.py's flags)
@@ -149,6 +152,50 @@ def curves_png(runs, reward_names, path, smooth=5):
     plt.close(fig)
 
 
+def gradient_noise_rows(sft_path, data_dir, dev, n_prompts, group=8):
+    """Why a baseline can lose: at the SFT model, n_prompts train prompts x `group` replies sampled as the checker
+    runs sample them, their 0/1 scores weighted by each baseline, and rl.gradient_noise over every weight. A
+    baseline leaves the expected gradient as it is; what it changes is the noise, mean (R - b)^2 |g|^2, which
+    falls only if the replies it weighs most have small gradients. Returns (the table's rows, a sentence)."""
+    import numpy as np
+    from rl import gradient_noise, group_advantages, rollout
+    from tasks import chat_ids, check_answer, load_chat_model, render_prompt
+    checker = runpy.run_path(REWARDS['checker'])
+    T, max_new = checker['temperature'], checker.get('max_new_tokens', 16)
+    model, _, tokenizer = load_chat_model(sft_path, dev)
+    model.eval()
+    vocab_limit = min(tokenizer.n_vocab, model.config.vocab_size)
+    records = read_jsonl(os.path.join(data_dir, 'tasks', 'train.jsonl'))
+    picks = [records[i] for i in np.random.default_rng(seed).choice(len(records), n_prompts, replace=False)
+             for _ in range(group)]
+    prompts = [render_prompt([{'role': 'user', 'content': r['prompt']}], tokenizer)
+               [-(model.config.block_size - max_new - 1):] for r in picks]
+    ro = rollout(model, prompts, max_new, chat_ids(tokenizer)[2], torch.Generator(dev).manual_seed(seed),
+                 vocab_limit, T)
+    R = torch.tensor([float(check_answer(r, tokenizer.decode(y))) for r, y in zip(picks, ro['replies'])])
+    _, norms = gradient_noise(model, ro['idx'], ro['mask'], {}, vocab_limit, T)
+    b_opt = ((R * norms).sum() / norms.sum()).item()  # the constant baseline of least noise (Greensmith et al.)
+    weightings = {'none: R (REINFORCE)': R, 'the batch mean: R - mean R': R - R.mean(),
+                  f'the least-noise constant: R - {b_opt:.2f} (sum R g^2 / sum g^2)': R - b_opt,
+                  'the group mean, leave one out (RLOO)': group_advantages(R, group, 'leave_one_out'),
+                  "the group's mean and std (GRPO)": group_advantages(R, group, 'mean', True)}
+    stats, _ = gradient_noise(model, ro['idx'], ro['mask'], weightings, vocab_limit, T)
+    n = len(R)
+    rows = ['| weighting (baseline) | noise per reply: tr Cov[w g] | signal: the mean gradient\'s squared length '
+            '(unbiased) | signal-to-noise of a batch of ' + str(n) + ' |', '|---|---|---|---|']
+    for name, s in stats.items():
+        noise = s['noise'] * n / (n - 1)  # the sample covariance, unbiased
+        signal = s['signal'] - noise / n  # |mean|^2 overestimates |mu|^2 by the noise of the mean
+        rows.append(f"| {name} | {noise:.4g} | {signal:.4g} | "
+                    + (f"{signal / (noise / n):.2f} |" if noise > 0 else "- (every reply weighed 0) |"))
+    right, lengths = R.bool(), ro['mask'].sum(1).float()
+    said = (f"{n_prompts} train prompts x {group} replies from the SFT model at T = {T}: {right.float().mean():.0%} "
+            f"right. |g|^2, the squared length of a reply's gradient of log pi over every weight: "
+            f"{norms[right].mean():.4g} for a right reply, {norms[~right].mean():.4g} for a wrong one (replies "
+            f"{lengths[right].mean():.1f} and {lengths[~right].mean():.1f} tokens long).")
+    return rows, said
+
+
 def table(runs, evals, sft):
     """The Markdown table: one row per run, SFT first."""
     from tasks import mcnemar
@@ -233,13 +280,30 @@ if __name__ == '__main__':
     evals = {(m, r): read_json(os.path.join(out_dir, f'{r}_{m}', 'eval.json')) for m, r in pairs}
     runs = {(m, r): training_stats(os.path.join(out_dir, f'{r}_{m}')) for m, r in pairs}
 
-    # 3. the table and the curves
+    # 3. the gradient's noise at the SFT model under each baseline (cached: noise.json)
+    noise_path, noise = os.path.join(out_dir, 'noise.json'), None
+    if noise_prompts:
+        key = dict(sft=os.path.join(run_dir, 'sft', 'model.pt'), prompts=noise_prompts, seed=seed)
+        if os.path.exists(noise_path) and read_json(noise_path)['key'] == key:
+            noise = read_json(noise_path)
+        else:
+            dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+            rows, said = gradient_noise_rows(key['sft'], os.path.join(run_dir, 'data'), dev, noise_prompts)
+            noise = dict(key=key, rows=rows, said=said)
+            write_text_atomic(noise_path, json.dumps(noise))
+
+    # 4. the table and the curves
     png = os.path.splitext(doc)[0] + '.png'
     curves_png(runs, rewards_list, png)
-    command = ' '.join(['python', *sys.argv])
+    # the commands that make every row: one per reward, naming its methods (the same budget flags as this call)
+    budget = [a for a in sys.argv[1:] if not a.startswith(('--methods=', '--rewards=', '--run_dir='))]
+    commands = [' '.join(['python rl_compare.py', f'--run_dir={run_dir}', *budget, f'--rewards={r}', '--methods='
+                          + ','.join(m for m, r2 in pairs if r2 == r)])
+                for r in REWARDS if any(r2 == r for _, r2 in pairs)]
     lines = ['# RL methods side by side: REINFORCE, positive-only, group-relative, PPO with a critic', '',
-             f"`{command}` ({time.strftime('%Y-%m-%d')}), on {cpu_model()}, torch {torch.__version__} with",
-             f"{torch.get_num_threads()} threads. From {run_dir}'s SFT model; every run "
+             'Made by ' + ' and '.join(f"`{c}`" for c in commands) + f" ({time.strftime('%Y-%m-%d')}), on "
+             f"{cpu_model()}, torch {torch.__version__} with {torch.get_num_threads()} threads, one run at a time.",
+             f"From {run_dir}'s SFT model; every run "
              f"{max_iters} iterations of {batch_size} rollouts ({max_iters * batch_size:,} replies, T = 0.7), "
              f"{ppo_epochs} passes in minibatches of {minibatch_size}, seed {seed}; each method on top of the "
              f"reward's recipe config ({', '.join(f'{k}: {v}' for k, v in REWARDS.items())}).", '',
@@ -250,6 +314,14 @@ if __name__ == '__main__':
              "tokens before whitening, and the share of their weight (sum of |A|) on tokens pushed down, "
              "averaged over iterations.", '', table(runs, evals, sft), '',
              f"![learning curves]({os.path.basename(png)})", '']
-    write_text_atomic(doc, '\n'.join(lines))
+    if noise:
+        lines += ['## The policy gradient\'s noise under each baseline, at the SFT model', '', noise['said'], '',
+                  *noise['rows'], '']
+    if os.path.exists(doc):  # what was written by hand below the table stays
+        with open(doc, encoding='utf-8') as f:
+            old = f.read()
+        if NOTES in old:
+            lines.append(old[old.index(NOTES):].rstrip('\n'))
+    write_text_atomic(doc, '\n'.join(lines) + '\n')
     print('\n'.join(lines))
     print(f"{len(pairs)} runs compared ({time.time() - t_start:.0f} s this call): {doc}, {png}")

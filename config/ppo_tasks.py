@@ -10,7 +10,7 @@ reward = 'model'
 prompts = 'tasks'
 
 temperature = 0.7         # nearer the greedy replies that are evaluated
-critic = False            # no baseline, nothing pushed down: at 1M parameters that flattens the policy
+critic = False            # no baseline, nothing pushed down: a critic gained no more (docs/rl_compare.md)
 whiten_advantages = False
 push_down = False
 score_margin = 0.5        # reward only replies the reward model is fairly sure of (z > 0.5)

@@ -9,7 +9,7 @@ reward = 'gold'
 prompts = 'tasks'
 temperature = 0.7
 
-critic = False            # any baseline made most updates push wrong samples down, and accuracy fell
+critic = False            # a baseline pushes wrong replies down, whose gradients are long: noise (docs/rl_compare.md)
 whiten_advantages = False
 push_down = False         # (nothing to push down: no baseline, and a score is 0 or 1)
 score_margin = 0.0        # every right reply pushed up

@@ -302,10 +302,12 @@ def test_rl_compare_runs_each_method_from_a_finished_run_at_one_budget(smoke_run
     rows = [line for line in text.splitlines() if line.startswith('| checker') or line.startswith('| model')]
     assert len(rows) == 8 and (tmp_path / 'cmp.png').read_bytes()[:4] == b'\x89PNG'
     assert rows[3].split(' | ')[11] != '-' and rows[0].split(' | ')[11] == '-'  # explained variance: critic only
+    doc.write_text(text + '\n## What the table shows\n\nWritten by hand.\n')
     again = run(args, timeout=1200)
     assert again.stdout.count('skipped') == 8 and 'evaluated' not in again.stdout
     assert [line for line in doc.read_text().splitlines() if line.startswith('|')] == \
         [line for line in text.splitlines() if line.startswith('|')]
+    assert doc.read_text().endswith('\n## What the table shows\n\nWritten by hand.\n')  # kept
 
 
 def test_every_rl_compare_method_passes_only_settings_ppo_has():

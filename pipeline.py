@@ -250,14 +250,15 @@ def evaluate_models(run_dir, data_dir, device, seed, models=MODELS, n_examples=5
 
 def rl_method(config):
     """What ppo.py ran, named from its config: 'ppo' with a critic (the value model is the baseline); with groups of
-    replies, 'rloo' (leave-one-out mean) or 'grpo' (the group's mean and std; 'dr_grpo' without the std); else
-    'reinforce' (each reply's own reward-to-go, PPO's clipped ratio on top): no baseline, or the batch's
-    whitening as one."""
+    replies, 'rloo' (leave-one-out mean), 'least_noise' (the others' scores weighted by surprisal) or 'grpo' (the
+    group's mean and std; 'dr_grpo' without the std); else 'reinforce' (each reply's own reward-to-go, PPO's
+    clipped ratio on top): no baseline, or the batch's whitening as one."""
     group_baseline = config.get('group_baseline', 'leave_one_out')  # runs older than the option were RLOO
     if config['critic']:
         algorithm, baseline = 'ppo', 'critic'
     elif config['group_size'] > 1 and group_baseline != 'none':
-        algorithm = 'rloo' if group_baseline == 'leave_one_out' else 'grpo' if config.get('group_std') else 'dr_grpo'
+        algorithm = ('rloo' if group_baseline == 'leave_one_out' else 'least_noise' if group_baseline == 'least_noise'
+                     else 'grpo' if config.get('group_std') else 'dr_grpo')
         baseline = 'group'
     else:
         algorithm, baseline = 'reinforce', 'batch' if config['whiten_advantages'] else 'none'

@@ -78,7 +78,9 @@ group_size = 1               # replies per prompt. > 1: each reply's score relat
                              # prompt (group_advantages): a prompt whose replies all score the same then teaches
                              # nothing, instead of pushing all of its (say, all wrong) replies down
 group_baseline = 'leave_one_out'  # 'leave_one_out': minus the mean of the others (RLOO); 'mean': minus the
-                             # group's mean (GRPO, Dr. GRPO); 'none': no baseline (a control)
+                             # group's mean (GRPO, Dr. GRPO); 'least_noise': minus the others' scores weighted
+                             # by their surprisal, -log pi(reply), a proxy for their gradients' squared length
+                             # (docs/rl_compare.md); 'none': no baseline (a control)
 group_std = False            # True: divided by the group's std as well (GRPO; TRL's scale_rewards)
 token_credit = 'reply'       # 'reply': every token of a reply gets its group-relative score; 'prefix': the replies
                              # of a group as a tree, each token credited with how it changed the mean score of the
@@ -206,7 +208,7 @@ if __name__ == '__main__':
                    non_negative=('kl_coef', 'kl_target', 'score_margin', 'down_weight', 'value_learning_rate',
                                  'value_warmup', 'max_iters', 'weight_decay', 'grad_clip', 'eval_tasks'),
                    fractions=('lora_dropout', 'beta1', 'beta2', 'clip_range'),
-                   choices={'reward': ('model', 'gold'), 'group_baseline': ('leave_one_out', 'mean', 'none'),
+                   choices={'reward': ('model', 'gold'), 'group_baseline': ('leave_one_out', 'mean', 'least_noise', 'none'),
                             'token_credit': ('reply', 'prefix')})
     if token_credit == 'prefix' and (group_size < 2 or critic):
         fail("token_credit='prefix' needs groups (group_size > 1) and no critic (--critic=False)")
@@ -443,7 +445,8 @@ if __name__ == '__main__':
             credit = credit if push_down else (credit - score_margin).clamp(min=0) * ro['mask'].float()
             return torch.zeros_like(scores), credit
         if group_size > 1:
-            scores = group_advantages(scores, group_size, group_baseline, group_std)
+            surprisal = -(ro['logprobs'].float() * ro['mask']).sum(1)  # least_noise's weights
+            scores = group_advantages(scores, group_size, group_baseline, group_std, weights=surprisal)
         return (scores if push_down else (scores - score_margin).clamp(min=0)), None
 
     while iter_num < max_iters:

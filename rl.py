@@ -48,18 +48,28 @@ def leave_one_out(scores, group_size):
     return (g - (g.sum(1, keepdim=True) - g) / (group_size - 1)).view(-1)
 
 
-def group_advantages(scores, group_size, baseline='leave_one_out', scale_by_std=False, eps=1e-4):
+def group_advantages(scores, group_size, baseline='leave_one_out', scale_by_std=False, eps=1e-4, weights=None):
     """Group-relative scores, for consecutive runs of group_size replies to the same prompt:
         'leave_one_out' (RLOO, Ahmadian et al. 2024):  s_i - mean_{j != i} s_j  =  k / (k - 1) (s_i - mean_j s_j)
         'mean' (GRPO, Shao et al. 2024; Dr. GRPO):     s_i - mean_j s_j
+        'least_noise':                                 s_i - sum_{j != i} s_j q_j / sum_{j != i} q_j
         'none':                                        s_i (a control: groups, no baseline)
     and with scale_by_std, divided by the group's (sample) std + eps, as GRPO does. The baselines differ only in
-    scale (RLOO's leaves the gradient unbiased); the std makes a nearly-all-right group as loud as a half-right one."""
+    scale (RLOO's leaves the gradient unbiased); the std makes a nearly-all-right group as loud as a half-right one.
+    'least_noise' weighs the other replies' scores by weights q (a reply's squared gradient length, or a proxy for
+    it): the constant baseline of least variance is E[s |g|^2] / E[|g|^2] (Greensmith et al. 2004), so replies with
+    long gradients (unlikely ones: often the wrong ones) pull it towards their score and are pushed less; leaving
+    reply i out keeps the gradient unbiased."""
     g = scores.view(-1, group_size)
     if baseline == 'none':  # the control: the same groups of replies, no baseline
         return scores
-    centred = leave_one_out(scores, group_size).view(-1, group_size) if baseline == 'leave_one_out' \
-        else g - g.mean(1, keepdim=True)
+    if baseline == 'least_noise':
+        q = weights.view(-1, group_size).to(g.dtype)
+        others = (g * q).sum(1, keepdim=True) - g * q, q.sum(1, keepdim=True) - q
+        centred = g - others[0] / others[1].clamp(min=1e-8)
+    else:
+        centred = leave_one_out(scores, group_size).view(-1, group_size) if baseline == 'leave_one_out' \
+            else g - g.mean(1, keepdim=True)
     if scale_by_std:
         centred = centred / (g.std(1, keepdim=True) + eps)
     return centred.view(-1)

@@ -70,6 +70,9 @@ METHODS = {  # name: (what it is, ppo.py's flags)
     'critic': ('PPO: value model, GAE, whitening',
                ['--group_size=1', '--critic=True', '--whiten_advantages=True', '--push_down=True']),
 }
+METHODS['group_least_noise'] = ('group-relative, least-noise baseline (8 per prompt, the others weighted by '
+                                'surprisal)', ['--group_size=8', '--group_baseline=least_noise', '--group_std=False',
+                                               '--critic=False', '--whiten_advantages=False', '--push_down=True'])
 CRITIC = METHODS['critic'][1]
 METHODS.update({  # the critic's fixes tried (docs/rl_compare.md says why each): --methods=critic,critic_warmup,...
     'critic_warmup': ('PPO, the value model trained alone for 10 iterations first', [*CRITIC, '--value_warmup=10']),

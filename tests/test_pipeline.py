@@ -229,6 +229,8 @@ def test_every_profile_passes_only_settings_its_scripts_have():
           reward='gold'), ('grpo', 'group', 'checker')),
     (dict(critic=False, group_size=8, group_baseline='mean', group_std=False, whiten_advantages=False,
           reward='model'), ('dr_grpo', 'group', 'model')),
+    (dict(critic=False, group_size=8, group_baseline='least_noise', group_std=False, whiten_advantages=False,
+          reward='gold'), ('least_noise', 'group', 'checker')),
     (dict(critic=False, group_size=8, group_baseline='none', group_std=False, whiten_advantages=False,
           reward='gold'), ('reinforce', 'none', 'checker')),
 ])

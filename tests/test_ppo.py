@@ -454,6 +454,31 @@ def test_group_advantages_against_a_loop(baseline, scale_by_std):
     assert got[4:8].abs().max() == 0  # all replies alike: no signal from that prompt, with or without the std
 
 
+def test_least_noise_group_baseline_against_a_loop():
+    """'least_noise': each reply minus the other replies' scores averaged with weights q, written out per group;
+    equal weights give RLOO; a reply's own score and weight never move its baseline (unbiased); a group that
+    scores alike teaches nothing."""
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    q = torch.tensor([0.2, 3.0, 1.0, 0.4, 1.0, 2.0, 0.1, 5.0])
+    expected = []
+    for start in range(0, 8, 4):
+        for i in range(start, start + 4):
+            others = [j for j in range(start, start + 4) if j != i]
+            expected.append(scores[i].item() - sum(scores[j].item() * q[j].item() for j in others)
+                            / sum(q[j].item() for j in others))
+    got = group_advantages(scores, 4, 'least_noise', weights=q)
+    assert torch.allclose(got, torch.tensor(expected), atol=1e-6) and got[4:].abs().max() < 1e-6
+    assert torch.allclose(group_advantages(scores, 4, 'least_noise', weights=torch.ones(8)),
+                          group_advantages(scores, 4, 'leave_one_out'), atol=1e-6)
+    moved_s, moved_q = scores.clone(), q.clone()
+    moved_s[1], moved_q[1] = 1.0, 50.0  # reply 1 changes: its own baseline stays
+    baseline = lambda s, w: s - group_advantages(s, 4, 'least_noise', weights=w)
+    assert baseline(moved_s, moved_q)[1].item() == pytest.approx(baseline(scores, q)[1].item(), abs=1e-5)
+    # the wrong replies' long gradients (q 3.0 and 1.0) hold the right replies' baseline low: they are pushed up
+    # almost fully, and the wrong ones are pushed down by less than RLOO's 2/3
+    assert got[0] > 0.7 and got[3] > 0.7 and -0.5 < got[1] < 0 and -0.5 < got[2] < 0
+
+
 def test_prefix_advantages_on_a_tree_worked_by_hand():
     """Four replies to one prompt: [1, 2] right, [1, 3] wrong, [1, 2] right, [4] wrong. Prefix values (the mean
     score of the replies that begin so): V() = 1/2, V(1) = 2/3, V(1, 2) = 1, V(1, 3) = 0, V(4) = 0."""

@@ -208,8 +208,8 @@ if __name__ == '__main__':
                    non_negative=('kl_coef', 'kl_target', 'score_margin', 'down_weight', 'value_learning_rate',
                                  'value_warmup', 'max_iters', 'weight_decay', 'grad_clip', 'eval_tasks'),
                    fractions=('lora_dropout', 'beta1', 'beta2', 'clip_range'),
-                   choices={'reward': ('model', 'gold'), 'group_baseline': ('leave_one_out', 'mean', 'least_noise', 'none'),
-                            'token_credit': ('reply', 'prefix')})
+                   choices={'reward': ('model', 'gold'), 'token_credit': ('reply', 'prefix'),
+                            'group_baseline': ('leave_one_out', 'mean', 'least_noise', 'none')})
     if token_credit == 'prefix' and (group_size < 2 or critic):
         fail("token_credit='prefix' needs groups (group_size > 1) and no critic (--critic=False)")
     if value_warmup and not critic:

@@ -17,9 +17,9 @@ import tokenizer as TK
 from conftest import error_line, read_metrics, run
 from plots import compare_runs
 from ppo import ValueModel
-from rl import (KLController, advantage_stats, explained_variance, gae, gradient_noise, group_advantages, kl_penalty, leave_one_out,
-                logprobs_and_entropy, masked_mean, masked_whiten, place_on_mask, policy_loss, prefix_advantages,
-                reference_logprobs, rollout, token_rewards, value_loss, weigh_down_pushes)
+from rl import (KLController, advantage_stats, explained_variance, gae, gradient_noise, group_advantages, kl_penalty,
+                leave_one_out, logprobs_and_entropy, masked_mean, masked_whiten, place_on_mask, policy_loss,
+                prefix_advantages, reference_logprobs, rollout, token_rewards, value_loss, weigh_down_pushes)
 from test_dpo import tiny_gpt, write_jsonl
 
 
@@ -551,15 +551,15 @@ def test_a_group_whose_replies_all_score_the_same_gives_no_gradient():
         assert all(g.abs().max() == 0 for g in grads) and torch.equal(before, after)
 
 
-@pytest.mark.parametrize('token_credit', ['reply', 'prefix'])
-def test_ppo_script_learns_the_gold_answer_with_group_relative_advantages(toy, token_credit):
+@pytest.mark.parametrize('token_credit,baseline', [('reply', 'mean'), ('prefix', 'mean'), ('reply', 'least_noise')])
+def test_ppo_script_learns_the_gold_answer_with_group_relative_advantages(toy, token_credit, baseline):
     """GRPO on the toy: 8 prompts x 4 replies per iteration, advantages from the group's mean and std (for
-    the whole reply, or token by token from the group's tree of prefixes), wrong replies pushed down, no critic:
-    the least-liked letter is learned within a dozen iterations."""
-    out = toy / f'out-grpo-{token_credit}'
+    the whole reply, or token by token from the group's tree of prefixes; or the least-noise baseline), wrong
+    replies pushed down, no critic: the least-liked letter is learned within a dozen iterations."""
+    out = toy / f'out-grpo-{token_credit}-{baseline}'
     run(['ppo.py', f'--init_from={toy / "sft"}', f'--out_dir={out}', f'--data_dir={toy}', '--reward=gold',
          f'--token_credit={token_credit}',
-         '--group_size=4', '--group_baseline=mean', '--group_std=True', '--push_down=True', '--critic=False',
+         '--group_size=4', f'--group_baseline={baseline}', '--group_std=True', '--push_down=True', '--critic=False',
          '--whiten_advantages=False', '--lora_rank=0', '--learning_rate=1e-3', '--max_iters=12', '--kl_coef=0.02',
          '--kl_target=0', '--temperature=1.0', *PPO_TINY])
     records = read_metrics(out)

@@ -134,11 +134,36 @@ def curves_png(run_dir, path, smooth=5):
                 ax.plot(xs, ys, label=label, marker='.' if len(pts) < 30 else None)
         if stage == 'sft':
             ax.set_yscale('log')  # the base starts near 11 (it has never seen a chat): a log axis shows the rest
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel('iteration', fontsize=9)
-        ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.3)
+        styled(ax, title)
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def styled(ax, title, xlabel='iteration'):
+    """The look every training-curve panel shares."""
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+
+
+def methods_png(runs, reward_names, eval_tasks, path, smooth=5):
+    """rl_compare.py's learning curves: runs {(method label, reward): {'val_curve': [(iter, accuracy)],
+    'rollout_gold': [(iter, accuracy)]}}; one column per reward, the val gold accuracy (greedy) at each evaluation
+    above, the rollouts' gold accuracy (moving averages of `smooth` iterations) below."""
+    fig, axes = plt.subplots(2, len(reward_names), figsize=(6 * len(reward_names), 7), squeeze=False)
+    for col, reward in enumerate(reward_names):
+        top, bottom = axes[0][col], axes[1][col]
+        for (label, r), s in runs.items():
+            if r == reward:
+                top.plot(*zip(*s['val_curve']), marker='o', ms=3, label=label)
+                xs, ys = zip(*s['rollout_gold'])
+                bottom.plot(xs, moving_average(ys, smooth), label=label)
+        styled(top, f"{reward} reward: val gold accuracy (greedy, {eval_tasks} prompts)")
+        styled(bottom, f"{reward} reward: the rollouts' gold accuracy (T = 0.7, mean of {smooth})")
+        top.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

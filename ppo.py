@@ -445,7 +445,7 @@ if __name__ == '__main__':
             credit = credit if push_down else (credit - score_margin).clamp(min=0) * ro['mask'].float()
             return torch.zeros_like(scores), credit
         if group_size > 1:
-            surprisal = -(ro['logprobs'].float() * ro['mask']).sum(1)  # least_noise's weights
+            surprisal = -(ro['logprobs'].float() * ro['mask']).sum(1) if group_baseline == 'least_noise' else None
             scores = group_advantages(scores, group_size, group_baseline, group_std, weights=surprisal)
         return (scores if push_down else (scores - score_margin).clamp(min=0)), None
 

@@ -65,8 +65,8 @@ def group_advantages(scores, group_size, baseline='leave_one_out', scale_by_std=
         return scores
     if baseline == 'least_noise':
         q = weights.view(-1, group_size).to(g.dtype)
-        others = (g * q).sum(1, keepdim=True) - g * q, q.sum(1, keepdim=True) - q
-        centred = g - others[0] / others[1].clamp(min=1e-8)
+        others_s, others_q = (g * q).sum(1, keepdim=True) - g * q, q.sum(1, keepdim=True) - q
+        centred = g - others_s / others_q.clamp(min=1e-8)
     else:
         centred = leave_one_out(scores, group_size).view(-1, group_size) if baseline == 'leave_one_out' \
             else g - g.mean(1, keepdim=True)

@@ -38,7 +38,7 @@ import torch
 
 from common import check_settings, fail, write_text_atomic
 from pipeline import evaluate_models, run_stage
-from plots import moving_average, plt, read_jsonl, read_run
+from plots import methods_png, read_jsonl, read_run
 
 # -----------------------------------------------------------------------------
 run_dir = 'runs/cpu'          # a finished pipeline.py run: its sft/model.pt, reward/reward.pt and data/
@@ -130,29 +130,6 @@ def cpu_model():
         return platform.processor() or 'unknown CPU'
     have = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags]
     return f"{name} ({', '.join(have) or 'no AVX2'})"
-
-
-def curves_png(runs, reward_names, path, smooth=5):
-    """One column per reward: val gold accuracy (greedy) at each evaluation, and the rollouts' gold accuracy."""
-    fig, axes = plt.subplots(2, len(reward_names), figsize=(6 * len(reward_names), 7), squeeze=False)
-    for col, reward in enumerate(reward_names):
-        top, bottom = axes[0][col], axes[1][col]
-        for (m, r), s in runs.items():
-            if r != reward:
-                continue
-            top.plot(*zip(*s['val_curve']), marker='o', ms=3, label=METHODS[m][0])
-            xs, ys = zip(*s['rollout_gold'])
-            bottom.plot(xs, moving_average(ys, smooth), label=METHODS[m][0])
-        top.set_title(f"{reward} reward: val gold accuracy (greedy, {eval_tasks} prompts)", fontsize=10)
-        bottom.set_title(f"{reward} reward: the rollouts' gold accuracy (T = 0.7, mean of {smooth})", fontsize=10)
-        for ax in (top, bottom):
-            ax.set_xlabel('iteration', fontsize=9)
-            ax.grid(alpha=0.3)
-            ax.tick_params(labelsize=8)
-        top.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def gradient_noise_rows(sft_path, data_dir, dev, n_prompts, group=8):
@@ -297,7 +274,7 @@ if __name__ == '__main__':
 
     # 4. the table and the curves
     png = os.path.splitext(doc)[0] + '.png'
-    curves_png(runs, rewards_list, png)
+    methods_png({(METHODS[m][0], r): s for (m, r), s in runs.items()}, rewards_list, eval_tasks, png)
     # the commands that make every row: one per reward, naming its methods (the same budget flags as this call)
     budget = [a for a in sys.argv[1:] if not a.startswith(('--methods=', '--rewards=', '--run_dir='))]
     commands = [' '.join(['python rl_compare.py', f'--run_dir={run_dir}', *budget, f'--rewards={r}', '--methods='

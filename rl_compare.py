@@ -173,6 +173,11 @@ def gradient_noise_rows(sft_path, data_dir, dev, n_prompts, group=8):
             f"right. |g|^2, the squared length of a reply's gradient of log pi over every weight: "
             f"{norms[right].mean():.4g} for a right reply, {norms[~right].mean():.4g} for a wrong one (replies "
             f"{lengths[right].mean():.1f} and {lengths[~right].mean():.1f} tokens long).")
+    surprisal = -(ro['logprobs'].float() * ro['mask']).sum(1)  # least_noise's proxy for |g|^2 (ppo.py)
+    if (surprisal > 0).all():
+        r = np.corrcoef(surprisal.log().numpy(), norms.log().numpy())[0, 1]
+        said += (f" A reply's surprisal, -log pi(reply), the least-noise group baseline's proxy for |g|^2: "
+                 f"log-log correlation {r:.2f} with |g|^2 over these {n} replies.")
     return rows, said
 
 

@@ -26,6 +26,7 @@ Runs resume: a run whose folder holds done.json from the same command is skipped
 table has a row for every run in out_dir made at these settings, so a later call with a fix adds its row.
 """
 import json
+import math
 import os
 import platform
 import runpy
@@ -54,6 +55,7 @@ ppo_epochs = 2
 eval_interval = 20            # val gold accuracy (greedy) on eval_tasks prompts every so many iterations: the curves
 eval_tasks = 250
 noise_prompts = 32            # the noise diagnostic: this many train prompts x 8 replies from the SFT model (0: none)
+sampled_prompts = 1000        # pass@1 and pass@8 at T = 0.7 on this many val prompts, 8 replies each (0: none)
 device = 'auto'
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -120,6 +122,26 @@ def training_stats(folder):
                 rollout_gold=[(r['iter'], r['gold_accuracy']) for r in iters])
 
 
+def pass_at_k(n, c, k):
+    """The chance that k of n sampled replies, c of them right, drawn without replacement, hold a right one:
+    1 - C(n - c, k) / C(n, k) (Chen et al. 2021's unbiased estimator of pass@k)."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def sampled_accuracy(model_path, data_dir, dev, seed, n_prompts, n=8, temperature=0.7):
+    """Replies sampled as the rollouts are (T = 0.7), n to each of the first n_prompts val prompts: pass@1 and
+    pass@n, and the distinct replies among the n. Whether a method kept the policy's spread: Zhu et al. 2025
+    find pushes down keep pass@k where pushes up raise pass@1 and lower it."""
+    from tasks import check_answer, eval_tasks_from, load_chat_model, sample_replies
+    model, _, tok = load_chat_model(model_path, dev)
+    tasks = eval_tasks_from(data_dir, n_prompts)
+    replies = sample_replies(model, tok, [t['prompt'] for t in tasks], k=n, temperature=temperature,
+                             max_new_tokens=16, generator=torch.Generator(dev).manual_seed(seed))
+    right = [sum(check_answer(t, r) for r in rs) for t, rs in zip(tasks, replies)]
+    return {'pass@1': mean(pass_at_k(n, c, 1) for c in right), f'pass@{n}': mean(pass_at_k(n, c, n) for c in right),
+            'distinct': mean(len(set(rs)) for rs in replies)}
+
+
 def cpu_model():
     """The machine, as lscpu names it, and what its vector units have (the speed of every number here)."""
     try:
@@ -181,8 +203,9 @@ def gradient_noise_rows(sft_path, data_dir, dev, n_prompts, group=8):
     return rows, said
 
 
-def table(runs, evals, sft):
-    """The Markdown table: one row per run, SFT first."""
+def table(runs, evals, sft, sampled=None):
+    """The Markdown table: one row per run, SFT first; with sampled (sampled_accuracy per run, 'SFT' too), a
+    column of pass@1 / pass@8 and the distinct replies of 8."""
     from tasks import mcnemar
     pct = lambda x: f"{100 * x:.1f}%"
 
@@ -192,15 +215,19 @@ def table(runs, evals, sft):
     head = ['reward', 'method', 'test', 'test vs SFT: fixed / broken, p', 'val', 'val vs SFT', 'KL to SFT',
             'reward-model score', 'rollout gold acc (first 5 -> last 5)', "controller's KL (last 5), beta",
             'train s', 'explained variance (first 5 -> last 5)', 'advantage mean / std; share pushing down']
+    spread = lambda e: f"{pct(e['pass@1'])} / {pct(e['pass@8'])}, {e['distinct']:.1f}"
+    if sampled:
+        head.insert(6, 'val sampled at T = 0.7: pass@1 / pass@8, distinct of 8')
     rows = ['| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|',
             f"| - | SFT (the start) | **{pct(sft['accuracy']['all'])}** | - | {pct(sft['val_accuracy']['all'])} | - | "
-            f"0 | {sft['rm_score']:+.3f} | - | - | - | - | - |"]
+            + (f"{spread(sampled['SFT'])} | " if sampled else '') + f"0 | {sft['rm_score']:+.3f} | - | - | - | - | - |"]
     for (m, r), s in runs.items():
         e = evals[m, r]
         ev = s['explained_variance']
         rows.append(
             f"| {r} | {METHODS[m][0]} | **{pct(e['accuracy']['all'])}** | {vs_sft(e, 'correct')} | "
-            f"{pct(e['val_accuracy']['all'])} | {vs_sft(e, 'val_correct')} | {e['kl']:.2f} | {e['rm_score']:+.3f} | "
+            f"{pct(e['val_accuracy']['all'])} | {vs_sft(e, 'val_correct')} | "
+            + (f"{spread(sampled[f'{r}_{m}'])} | " if sampled else '') + f"{e['kl']:.2f} | {e['rm_score']:+.3f} | "
             f"{pct(s['gold'][0])} -> {pct(s['gold'][1])} | {s['kl'][1]:.2f}, {s['beta']:.3g} | {s['seconds']:.0f} | "
             + (f"{ev[0]:.2f} -> {ev[1]:.2f}" if ev[0] is not None else '-') + ' | '
             f"{s['advantage_mean']:+.3f} / {s['advantage_std']:.3f}; {pct(s['push_down_share'])} |")
@@ -264,6 +291,18 @@ if __name__ == '__main__':
     sft = read_json(os.path.join(out_dir, 'sft_eval.json'))
     evals = {(m, r): read_json(os.path.join(out_dir, f'{r}_{m}', 'eval.json')) for m, r in pairs}
     runs = {(m, r): training_stats(os.path.join(out_dir, f'{r}_{m}')) for m, r in pairs}
+    # and sampled as the rollouts are: pass@1, pass@8 and the replies' spread (cached: sampled.json in each folder)
+    sampled = {}
+    if sampled_prompts:
+        dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+        key = dict(prompts=sampled_prompts, seed=seed, n=8, temperature=0.7)
+        for name, path in {'SFT': os.path.join(run_dir, 'sft', 'model.pt'),
+                           **{f'{r}_{m}': os.path.join(out_dir, f'{r}_{m}', 'model.pt') for m, r in pairs}}.items():
+            cache = os.path.join(out_dir, 'sft_sampled.json' if name == 'SFT' else os.path.join(name, 'sampled.json'))
+            if not (os.path.exists(cache) and read_json(cache)['key'] == key):
+                write_text_atomic(cache, json.dumps(dict(key=key, **sampled_accuracy(
+                    path, os.path.join(run_dir, 'data'), dev, seed, sampled_prompts))))
+            sampled[name] = read_json(cache)
 
     # 3. the gradient's noise at the SFT model under each baseline (cached: noise.json)
     noise_path, noise = os.path.join(out_dir, 'noise.json'), None
@@ -285,6 +324,8 @@ if __name__ == '__main__':
     commands = [' '.join(['python rl_compare.py', f'--run_dir={run_dir}', *budget, f'--rewards={r}', '--methods='
                           + ','.join(m for m, r2 in pairs if r2 == r)])
                 for r in REWARDS if any(r2 == r for _, r2 in pairs)]
+    about_sampled = (f" Sampled: 8 replies at T = 0.7 to each of the first {sampled_prompts} val prompts; pass@1, "
+                     "pass@8 (Chen et al. 2021's estimator) and the distinct replies among the 8." if sampled else '')
     lines = ['# RL methods side by side: REINFORCE, positive-only, group-relative, PPO with a critic', '',
              'Made by ' + ' and '.join(f"`{c}`" for c in commands) + f" ({time.strftime('%Y-%m-%d')}), on "
              f"{cpu_model()}, torch {torch.__version__} with {torch.get_num_threads()} threads, one run at a time.",
@@ -297,7 +338,7 @@ if __name__ == '__main__':
              "Reward-model score: the learned reward model's standardised score of the greedy test replies. "
              "Train s: the iterations' seconds (evaluations excluded). Advantages: the mean and std over reply "
              "tokens before whitening, and the share of their weight (sum of |A|) on tokens pushed down, "
-             "averaged over iterations.", '', table(runs, evals, sft), '',
+             "averaged over iterations." + about_sampled, '', table(runs, evals, sft, sampled), '',
              f"![learning curves]({os.path.basename(png)})", '']
     if noise:
         lines += ['## The policy gradient\'s noise under each baseline, at the SFT model', '', noise['said'], '',

@@ -277,7 +277,8 @@ def test_rl_compare_runs_each_method_from_a_finished_run_at_one_budget(smoke_run
     run_dir, card, _ = smoke_run
     out, doc = tmp_path / 'cmp', tmp_path / 'cmp.md'
     args = ['rl_compare.py', f'--run_dir={run_dir}', f'--out_dir={out}', f'--doc={doc}', '--max_iters=2',
-            '--batch_size=8', '--minibatch_size=8', '--ppo_epochs=1', '--eval_interval=1', '--eval_tasks=5']
+            '--batch_size=8', '--minibatch_size=8', '--ppo_epochs=1', '--eval_interval=1', '--eval_tasks=5',
+            '--sampled_prompts=20']
     run(args, timeout=1200)
     config = {d.name: next(r for r in reversed((d / 'metrics.jsonl').read_text().splitlines())
                            if '"summary"' in r) for d in out.iterdir() if (d / 'metrics.jsonl').exists()}
@@ -303,13 +304,29 @@ def test_rl_compare_runs_each_method_from_a_finished_run_at_one_budget(smoke_run
     text = doc.read_text()
     rows = [line for line in text.splitlines() if line.startswith('| checker') or line.startswith('| model')]
     assert len(rows) == 8 and (tmp_path / 'cmp.png').read_bytes()[:4] == b'\x89PNG'
-    assert rows[3].split(' | ')[11] != '-' and rows[0].split(' | ')[11] == '-'  # explained variance: critic only
+    assert rows[3].split(' | ')[12] != '-' and rows[0].split(' | ')[12] == '-'  # explained variance: critic only
+    # sampled at the rollouts' temperature: pass@1 <= pass@8, as cached, in each row
+    for line, name in zip(rows, [f'{r}_{m}' for r in ('checker', 'model') for m in rl_compare.methods.split(',')]):
+        s = json.loads((out / name / 'sampled.json').read_text())
+        assert s['key']['prompts'] == 20 and 0 <= s['pass@1'] <= s['pass@8'] <= 1 and 1 <= s['distinct'] <= 8
+        assert line.split(' | ')[6] == f"{100 * s['pass@1']:.1f}% / {100 * s['pass@8']:.1f}%, {s['distinct']:.1f}"
     doc.write_text(text + '\n## What the table shows\n\nWritten by hand.\n')
     again = run(args, timeout=1200)
     assert again.stdout.count('skipped') == 8 and 'evaluated' not in again.stdout
     assert [line for line in doc.read_text().splitlines() if line.startswith('|')] == \
         [line for line in text.splitlines() if line.startswith('|')]
     assert doc.read_text().endswith('\n## What the table shows\n\nWritten by hand.\n')  # kept
+
+
+def test_pass_at_k_is_the_share_of_k_subsets_holding_a_right_reply():
+    """rl_compare.pass_at_k against the slow count: every k-subset of n replies, c of them right."""
+    from itertools import combinations
+    from rl_compare import pass_at_k
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                subsets = list(combinations([True] * c + [False] * (n - c), k))
+                assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
 
 
 def test_every_rl_compare_method_passes_only_settings_ppo_has():

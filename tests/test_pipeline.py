@@ -349,3 +349,62 @@ def test_rl_compare_bad_input_fails_before_any_work(smoke_run, tmp_path, args, m
     assert message in error_line(p) and not (tmp_path / 'cmp').exists()
     p = run(['rl_compare.py', f'--run_dir={tmp_path}', f'--out_dir={tmp_path / "cmp"}'], check=False)
     assert 'is not a finished recipe run: no sft/model.pt' in error_line(p)
+
+
+def test_pick_best_takes_each_prompts_highest_score_first_among_ties():
+    """best_of_n.pick_best against the slow reading: the first index holding the row's maximum; None where that
+    maximum is below min_score."""
+    import random
+    from best_of_n import pick_best
+    rng = random.Random(0)
+    rows = [[rng.choice([0.0, 0.5, 1.0, -1.0]) for _ in range(rng.randint(1, 6))] for _ in range(300)]
+    assert pick_best(rows) == [row.index(max(row)) for row in rows]
+    assert pick_best(rows, min_score=1.0) == [row.index(1.0) if 1.0 in row else None for row in rows]
+
+
+def test_best_of_n_keeps_the_reward_models_pick_and_starts_each_round_from_the_last(smoke_run, tmp_path):
+    """best_of_n.py from the smoke run's SFT model: each prompt's kept reply is the one the reward model, scored
+    again here, ranks first among its replies; round 2 fine-tunes round 1's model; with the checker only right
+    replies are kept."""
+    from reward import load_reward_model, score
+    from tasks import check_answer, load_chat_model, read_tasks
+    run_dir = smoke_run[0]
+    small = ['--n=3', '--prompts_per_round=12', '--max_iters=2', '--batch_size=4', '--eval_tasks=5', '--device=cpu']
+    out = tmp_path / 'bon'
+    run(['best_of_n.py', f'--init_from={run_dir / "sft"}', f'--reward_model={run_dir / "reward"}',
+         f'--data_dir={run_dir / "data"}', f'--out_dir={out}', '--rounds=2', *small], timeout=600)
+    log = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['round'] for r in log] == [1, 2] and (out / 'model.pt').exists()
+    assert f"config: init_from = '{out / 'round_1'}'" in (out / 'round_2' / 'finetune.log').read_text()
+    rm, _ = load_reward_model(str(run_dir / 'reward' / 'reward.pt'))
+    _, _, tok = load_chat_model(str(run_dir / 'sft' / 'model.pt'), 'cpu')
+    samples = [json.loads(line) for line in (out / 'round_1' / 'samples.jsonl').read_text().splitlines()]
+    picked = [json.loads(line) for line in (out / 'round_1' / 'picked.jsonl').read_text().splitlines()]
+    assert len(samples) == 12 and all(len(s['replies']) == 3 for s in samples)
+    kept = [s for s in samples if s['replies'][s['pick']].strip()]
+    assert [(p['instruction'], p['output']) for p in picked] == [(s['prompt'], s['replies'][s['pick']]) for s in kept]
+    for s in samples:
+        again = score(rm, tok, [s['prompt']] * 3, s['replies']).tolist()
+        assert again == pytest.approx(s['scores'], abs=1e-4)
+        assert again[s['pick']] == pytest.approx(max(again), abs=1e-4)
+    out = tmp_path / 'bon_gold'
+    run(['best_of_n.py', f'--init_from={run_dir / "sft"}', f'--data_dir={run_dir / "data"}', f'--out_dir={out}',
+         '--reward=gold', '--rounds=1', '--temperature=1.0', *small[:1], '--prompts_per_round=200', *small[2:]],
+        timeout=600, check=False)
+    tasks = {t['prompt']: t for t in read_tasks(str(run_dir / 'data'), 'train')}
+    samples = [json.loads(line) for line in (out / 'round_1' / 'samples.jsonl').read_text().splitlines()]
+    for s in samples:
+        assert s['right'] == [check_answer(tasks[s['prompt']], y) for y in s['replies']]
+        assert (s['pick'] is None) == (not any(s['right'])) and (s['pick'] is None or s['right'][s['pick']])
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--reward=human'], "reward must be one of model, gold"),
+    (['--rounds=0'], 'rounds must be > 0'),
+    (['--reward_model=nowhere'], "no reward.pt in reward_model='nowhere'"),
+])
+def test_best_of_n_bad_input_fails_before_any_work(smoke_run, tmp_path, args, message):
+    run_dir = smoke_run[0]
+    p = run(['best_of_n.py', f'--init_from={run_dir / "sft"}', f'--reward_model={run_dir / "reward"}',
+             f'--data_dir={run_dir / "data"}', f'--out_dir={tmp_path / "bon"}', *args], check=False)
+    assert message in error_line(p) and not (tmp_path / 'bon').exists()

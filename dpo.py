@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from common import (get_lr, metrics_logger, optimizer_step, progress, seed_everything, set_lr, setup_device,
                     steps_per_process)
-from lora import lora_disabled, parse_lora_targets, policy_and_reference
-from model import clean_state_dict, merged_gpt, response_logprobs, save_checkpoint, start_point
+from model import (clean_state_dict, start_point, lora_disabled, merged_gpt, parse_lora_targets,
+                   policy_and_reference, response_logprobs, save_checkpoint)
 from rl import sampled_kl
 from tasks import (chat_ids, encode_preferences, eval_tasks_from, gold_accuracy, load_chat_model, preference_batch,
                    preference_splits, read_tasks, render_prompt)

@@ -34,9 +34,9 @@ from common import (check_out_dir, check_settings, fail, get_lr, metrics_logger,
                     peak_memory_mb, progress, reset_peak_memory, saved_tensor_bytes, seed_everything, set_lr,
                     setup_device, steps_per_process)
 from download import download
-from lora import apply_lora, parse_lora_targets, train_token_rows
-from model import (GPT, CheckpointError, GPTConfig, clean_state_dict, find_model, load_checkpoint, lora_state_dict,
-                   merged_gpt, model_from_checkpoint, save_checkpoint)
+from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict, find_model, load_checkpoint,
+                   lora_state_dict, merged_gpt, model_from_checkpoint, parse_lora_targets, save_checkpoint,
+                   train_token_rows)
 from quant import base_bytes, merged_quantized_gpt, quantize_linears
 from tasks import chat_example, chat_ids, eval_tasks_from, gold_accuracy, read_tasks, render_chat
 from tokenizer import load_tokenizer

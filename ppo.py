@@ -16,7 +16,7 @@ RLHF with PPO (Schulman et al. 2017) and a KL penalty, as in Ziegler et al. 2019
      policy and a clipped regression for the value model, with gradient clipping.
 
 beta is fixed (kl_target = 0) or steered by Ziegler et al.'s adaptive controller towards kl_target nats per
-reply. With LoRA the reference is the policy with its adapters switched off (lora.lora_disabled, no second
+reply. With LoRA the reference is the policy with its adapters switched off (model.lora_disabled, no second
 copy); with lora_rank = 0 every weight trains and a frozen copy is the reference.
 
 The value model (critic = True) is a separate network: a GPT trunk with a scalar head at every position,
@@ -53,9 +53,8 @@ import torch
 import torch.nn as nn
 
 from common import metrics_logger, progress, seed_everything, setup_device
-from lora import parse_lora_targets, policy_and_reference
 from model import (GPT, CheckpointError, GPTConfig, clean_state_dict, start_point, merged_gpt, model_from_checkpoint,
-                   save_checkpoint)
+                   parse_lora_targets, policy_and_reference, save_checkpoint)
 from tasks import (chat_ids, check_answer, eval_tasks_from, gold_accuracy, load_chat_model, read_tasks,
                    render_prompt)
 from reward import RewardModel, load_reward_model, score_ids

@@ -8,14 +8,13 @@ divided by its largest magnitude, so that it lies in [-1, 1], and each value is 
 nearest of the code's values. One outlier then spoils only its own block. Dequantizing is a table lookup times
 the block's scale.
 
-QLoRA is then quantize_linears under lora.apply_lora's adapters (finetune_lora.py --quantize=nf4): the base
+QLoRA is then quantize_linears under model.apply_lora's adapters (finetune_lora.py --quantize=nf4): the base
 stays frozen in 4 bits, the adapters train in float32, and merged_quantized_gpt folds them into the dequantized
 weights for the later stages.
 """
 import torch
 
-from lora import apply_lora, merge_lora
-from model import GPT, GPTConfig, clean_state_dict
+from model import GPT, GPTConfig, apply_lora, clean_state_dict, merge_lora
 
 # NF4 as the paper publishes it (appendix E; bitsandbytes' table): the reference for nf4_code's test
 NF4_PUBLISHED = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -118,7 +117,7 @@ class MatmulDequantized(torch.autograd.Function):
 class QuantizedLinear(torch.nn.Module):
     """A frozen linear layer stored quantized, QLoRA's base layer: the weight as NF4 codes packed two per byte
     (or int8), one absmax per block of 64 (or those scales double-quantized), dequantized to float at every
-    forward pass; the bias, if any, kept as it was. Nothing in it is a parameter: wrapped in lora.LoRALinear,
+    forward pass; the bias, if any, kept as it was. Nothing in it is a parameter: wrapped in model.LoRALinear,
     only the adapters train, in full precision, and gradients flow through the dequantized weight to them."""
 
     def __init__(self, linear, kind='nf4', block=64, double_quant=False):
@@ -163,7 +162,7 @@ class QuantizedLinear(torch.nn.Module):
 
 
 def quantize_linears(model, kind, block=64, double_quant=False):
-    """Replace every Linear inside the transformer blocks (under LoRA adapters too: lora.LoRALinear's base)
+    """Replace every Linear inside the transformer blocks (under LoRA adapters too: model.LoRALinear's base)
     by a QuantizedLinear, in place. The embedding (tied to the head, and its chat-token rows train) and the
     LayerNorms stay in float32, as in the paper. A ValueError (one line) before anything is replaced if the
     block size does not divide a weight. Returns the model."""

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from common import (get_lr, metrics_logger, optimizer_step, progress, seed_everything, set_lr, setup_device,
                     steps_per_process)
-from lora import apply_lora, merge_lora, parse_lora_targets
-from model import GPT, CheckpointError, GPTConfig, clean_state_dict, load_checkpoint, pad_batch, save_checkpoint, start_point
+from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict, load_checkpoint, start_point,
+                   merge_lora, pad_batch, parse_lora_targets, save_checkpoint)
 from tasks import (SKILLS, chat_ids, check_answer, encode_preferences, load_chat_model, preference_batch,
                    preference_splits, read_tasks, render_prompt, sample_replies)
 

@@ -9,8 +9,7 @@ idx[:, :t+1]; mask is True at the reply's positions (prompt and padding are Fals
 import torch
 import torch.nn.functional as F
 
-from lora import lora_disabled
-from model import pad_batch
+from model import lora_disabled, pad_batch
 
 
 def masked_mean(x, mask):

@@ -9,7 +9,7 @@ import torch
 
 import common as C
 import tasks as T
-from lora import LoRALinear, policy_and_reference
+from model import LoRALinear, policy_and_reference
 from test_dpo import tiny_gpt
 
 
@@ -75,7 +75,7 @@ def test_policy_and_reference(lora):
         opt.step()
     assert policy(x, x)[1] < start
     if lora:
-        from lora import lora_disabled
+        from model import lora_disabled
         with lora_disabled(policy):
             assert torch.allclose(policy(x, x)[1], start)
     else:

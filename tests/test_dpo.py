@@ -9,7 +9,6 @@ import random
 import pytest
 import torch
 
-import lora as L
 import model as M
 import tasks as T
 from conftest import error_line, read_metrics, run
@@ -165,7 +164,7 @@ def step0(policy, ref_model, tokenizer, beta=0.1):
 
 def test_step0_lora_loss_is_log2_and_only_adapters_get_gradient(tokenizer):
     policy = tiny_gpt()
-    L.apply_lora(policy, rank=4, alpha=8.0)
+    M.apply_lora(policy, rank=4, alpha=8.0)
     losses, rc, rr, ref_c = step0(policy, None, tokenizer)
     assert torch.allclose(losses, torch.full_like(losses, math.log(2)), atol=1e-6)
     assert rc.abs().max() < 1e-6 and rr.abs().max() < 1e-6
@@ -176,7 +175,7 @@ def test_step0_lora_loss_is_log2_and_only_adapters_get_gradient(tokenizer):
         else:
             assert p.grad is None, name  # the frozen base, which is the reference, gets nothing
     assert any(p.grad.abs().sum() > 0 for n, p in policy.named_parameters() if n.endswith('lora_B'))
-    assert all(m.enabled for m in L.lora_layers(policy))  # adapters back on after the reference pass
+    assert all(m.enabled for m in M.lora_layers(policy))  # adapters back on after the reference pass
 
 
 def test_step0_full_loss_is_log2_and_reference_gets_no_gradient(tokenizer):

@@ -5,13 +5,11 @@ import json
 import pytest
 import torch
 
-import lora as L
 import model as M
 import tasks as T
 import tokenizer as TK
 from conftest import SHAKESPEARE, run
-from lora import apply_lora, lora_disabled, merge_lora
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, apply_lora, lora_disabled, merge_lora
 
 
 def tiny(vocab_size=40, **kw):
@@ -38,7 +36,7 @@ def test_lora_at_init_equals_base_exactly():
 
 def test_lora_wraps_the_chosen_layers_and_freezes_the_rest():
     _, m = lora_model(targets=('attn', 'mlp_out'))
-    wrapped = [n for n, mod in m.named_modules() if isinstance(mod, L.LoRALinear)]
+    wrapped = [n for n, mod in m.named_modules() if isinstance(mod, M.LoRALinear)]
     assert wrapped == ['transformer.h.0.attn.c_attn', 'transformer.h.0.mlp.c_proj',
                        'transformer.h.1.attn.c_attn', 'transformer.h.1.mlp.c_proj']
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
@@ -47,7 +45,7 @@ def test_lora_wraps_the_chosen_layers_and_freezes_the_rest():
 
 def randomize_b(m):
     with torch.no_grad():
-        for layer in L.lora_layers(m):
+        for layer in M.lora_layers(m):
             layer.lora_B.normal_(0, 0.1)
 
 
@@ -69,15 +67,15 @@ def test_merged_equals_unmerged_and_disable_gives_base():
         off = m(idx, torch.zeros_like(idx))[0]
     assert (off - base(idx, torch.zeros_like(idx))[0]).abs().max().item() == 0.0
     assert (unmerged - off).abs().max() > 1e-3  # the adapters do something
-    for layer in L.lora_layers(m):
+    for layer in M.lora_layers(m):
         layer.merge()
     merged = m(idx, torch.zeros_like(idx))[0]
     assert (merged - unmerged).abs().max() < 1e-5
-    for layer in L.lora_layers(m):
+    for layer in M.lora_layers(m):
         layer.unmerge()
     assert (m(idx, torch.zeros_like(idx))[0] - unmerged).abs().max() < 1e-5
     plain = merge_lora(m)
-    assert not L.lora_layers(plain)
+    assert not M.lora_layers(plain)
     assert (plain(idx, torch.zeros_like(idx))[0] - unmerged).abs().max() < 1e-5
 
 
@@ -88,16 +86,16 @@ def test_merged_gpt_from_an_adapter_state_dict_equals_the_lora_model():
     idx = torch.randint(0, 40, (2, 16))
     lora = dict(rank=4, alpha=8.0, targets=['attn', 'proj', 'mlp_in', 'mlp_out'])
     plain = M.merged_gpt({'_orig_mod.' + k: v for k, v in m.state_dict().items()}, m.config.__dict__, lora)
-    assert not L.lora_layers(plain)
+    assert not M.lora_layers(plain)
     assert (plain(idx, torch.zeros_like(idx))[0] - m(idx, torch.zeros_like(idx))[0]).abs().max() < 1e-5
 
 
 def test_parse_lora_targets_and_find_model(tmp_path):
-    assert L.parse_lora_targets(8, 'attn,mlp_out,') == ('attn', 'mlp_out')
-    assert L.parse_lora_targets(0, '') == ()  # no adapters: the list does not matter
+    assert M.parse_lora_targets(8, 'attn,mlp_out,') == ('attn', 'mlp_out')
+    assert M.parse_lora_targets(0, '') == ()  # no adapters: the list does not matter
     for rank, targets in ((8, ''), (8, 'attn,qkv'), (-1, 'attn')):
         with pytest.raises(ValueError, match="lora_targets name some of attn, proj, mlp_in, mlp_out"):
-            L.parse_lora_targets(rank, targets)
+            M.parse_lora_targets(rank, targets)
     assert M.find_model(str(tmp_path)) is None
     (tmp_path / 'ckpt.pt').write_bytes(b'')
     assert M.find_model(str(tmp_path)) == str(tmp_path / 'ckpt.pt')
@@ -107,7 +105,7 @@ def test_parse_lora_targets_and_find_model(tmp_path):
 
 def test_frozen_weights_unchanged_after_steps_except_chat_rows():
     _, m = lora_model()
-    L.train_token_rows(m, [37, 38])
+    M.train_token_rows(m, [37, 38])
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     opt = m.configure_optimizers(0.1, 1e-2, (0.9, 0.99), 'cpu')
     m.train()
@@ -208,7 +206,7 @@ def test_lora_sft_trains_a_small_adapter_and_resumes(chat_base):
     assert n == 2 * 4 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))  # 2 layers, r * (in + out) each
     # the base weights + adapter reproduce the merged export
     base, _ = M.model_from_checkpoint(str(chat_base / 'base' / 'ckpt.pt'))
-    L.apply_lora(base, **meta['lora'])
+    M.apply_lora(base, **meta['lora'])
     base.load_state_dict({k: v for k, v in adapter.items() if '.lora_' in k}, strict=False)
     with torch.no_grad():
         base.transformer.wte.weight[meta['chat_token_ids']] = adapter['chat_token_rows']

@@ -11,7 +11,6 @@ import statistics
 import pytest
 import torch
 
-import lora as L
 import model as M
 import tasks as T
 import tokenizer as TK
@@ -190,9 +189,9 @@ def test_adaptive_kl_controller_follows_ziegler():
 
 def test_rollout_logprobs_equal_a_fresh_forward_pass(tokenizer):
     policy = tiny_gpt(seed=3)
-    L.apply_lora(policy, rank=4, alpha=8.0)
+    M.apply_lora(policy, rank=4, alpha=8.0)
     with torch.no_grad():  # non-zero adapters: the policy is not the reference
-        for layer in L.lora_layers(policy):
+        for layer in M.lora_layers(policy):
             layer.lora_B.normal_(0, 0.2)
     end = T.chat_ids(tokenizer)[2]
     prompts = [T.render_prompt([{'role': 'user', 'content': t}], tokenizer) for t in ('Hi', 'Reverse: a b c', 'x')]
@@ -215,7 +214,7 @@ def test_rollout_logprobs_equal_a_fresh_forward_pass(tokenizer):
         assert torch.allclose(ro['logprobs'][i, :n - 1], fresh, atol=1e-5)
         assert torch.allclose(ref[i, :n - 1], fresh_ref, atol=1e-5)
         assert (ro['logprobs'][i, len(p) - 1:n - 1] - ref[i, len(p) - 1:n - 1]).abs().max() > 1e-3
-    assert all(layer.enabled for layer in L.lora_layers(policy))
+    assert all(layer.enabled for layer in M.lora_layers(policy))
 
 
 def test_rollout_with_vocab_limit_samples_and_scores_the_limited_distribution():

@@ -3,7 +3,7 @@ uniform 4-bit code on normal weights (the paper's argument, measured), packing, 
 import pytest
 import torch
 
-from lora import LoRALinear
+from model import LoRALinear
 from quant import (NF4_PUBLISHED, QuantizedLinear, bits_per_weight, dequantize_blockwise, double_dequantize,
                    double_quantize, nf4_code, pack4, quantize_blockwise, uniform4_code, unpack4)
 
@@ -131,8 +131,7 @@ def test_the_dequantized_weight_is_not_kept_for_the_backward_pass():
 
 
 def tiny_lora_gpt():
-    from lora import apply_lora
-    from model import GPT, GPTConfig
+    from model import GPT, GPTConfig, apply_lora
     torch.manual_seed(6)
     m = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=64))
     lora = dict(rank=4, alpha=8.0, targets=['attn', 'mlp_in'])
@@ -143,7 +142,7 @@ def tiny_lora_gpt():
 def test_quantize_linears_then_merge_gives_the_dequantized_weight_plus_the_adapter():
     """Every Linear of the blocks quantized (adapted or not), the embedding not; merged_quantized_gpt computes what
     the quantized LoRA model computes, with W = dequant + B A alpha / r written out slowly."""
-    from lora import LoRALinear
+    from model import LoRALinear
     from quant import base_bytes, merged_quantized_gpt, quantize_linears
     m, lora = tiny_lora_gpt()
     plain = {k: v.clone() for k, v in m.state_dict().items()}

@@ -99,13 +99,13 @@ if __name__ == '__main__':
     train_tasks, val_tasks = read_tasks(data_dir, 'train'), eval_tasks_from(data_dir, eval_tasks)
     rm = load_reward_model(os.path.join(reward_model, 'reward.pt'), dev)[0] if reward == 'model' else None
     start, log, t0 = os.path.abspath(init_from), [], time.time()
+    model, _, tokenizer = load_chat_model(os.path.join(start, 'model.pt'), dev)  # each round then loads its own
     for r in range(1, rounds + 1):
         round_seed, round_dir = seed + r - 1, os.path.abspath(os.path.join(out_dir, f'round_{r}'))
         shutil.rmtree(round_dir, ignore_errors=True)
         os.makedirs(round_dir)
         seed_everything(round_seed)
         # 1. n replies to each of a fresh sample of train prompts, from the current model
-        model, _, tokenizer = load_chat_model(os.path.join(start, 'model.pt'), dev)
         tasks = list(train_tasks)
         random.Random(round_seed).shuffle(tasks)
         tasks = tasks[:prompts_per_round]

@@ -251,6 +251,7 @@ if __name__ == '__main__':
     if batch_size % minibatch_size or batch_size % 8:
         fail(f"batch_size must be a multiple of minibatch_size and of 8 (the group method's groups); got {batch_size}")
     run_dir = os.path.abspath(run_dir)
+    dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     out_dir = os.path.abspath(out_dir or os.path.join(run_dir, 'rl_compare'))
     os.makedirs(out_dir, exist_ok=True)
 
@@ -294,7 +295,6 @@ if __name__ == '__main__':
     # and sampled as the rollouts are: pass@1, pass@8 and the replies' spread (cached: sampled.json in each folder)
     sampled = {}
     if sampled_prompts:
-        dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
         key = dict(prompts=sampled_prompts, seed=seed, n=8, temperature=0.7)
         for name, path in {'SFT': os.path.join(run_dir, 'sft', 'model.pt'),
                            **{f'{r}_{m}': os.path.join(out_dir, f'{r}_{m}', 'model.pt') for m, r in pairs}}.items():
@@ -311,7 +311,6 @@ if __name__ == '__main__':
         if os.path.exists(noise_path) and read_json(noise_path)['key'] == key:
             noise = read_json(noise_path)
         else:
-            dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
             rows, said = gradient_noise_rows(key['sft'], os.path.join(run_dir, 'data'), dev, noise_prompts)
             noise = dict(key=key, rows=rows, said=said)
             write_text_atomic(noise_path, json.dumps(noise))

@@ -60,7 +60,7 @@ from tasks import (chat_ids, check_answer, eval_tasks_from, gold_accuracy, load_
 from reward import RewardModel, load_reward_model, score_ids
 from rl import (KLController, advantage_stats, explained_variance, gae, group_advantages, logprobs_and_entropy,
                 masked_mean, masked_whiten, place_on_mask, policy_loss, prefix_advantages, reference_logprobs,
-                rollout, token_rewards, value_loss, weigh_down_pushes)
+                rollout, sample_pairs, token_rewards, value_loss, weigh_down_pushes)
 
 # -----------------------------------------------------------------------------
 # The defaults are the recipe's run with the learned reward (config/ppo_tasks.py spells them out).
@@ -89,6 +89,12 @@ push_down = False            # False: a negative score (after the baseline) beco
                              # beat their baseline are pushed up and none is pushed down (docs/experiments.md)
 down_weight = 1.0            # with push_down: a negative advantage is multiplied by this (1: as the maths has it;
                              # below 1 the pushes down are weaker than the pushes up)
+group_train = 'all'          # which replies of the groups train: 'all'; 'spread': only the groups whose replies
+                             # differ in score (the others' advantages are 0, so with kl_coef = 0 a whole batch's
+                             # gradient points the same way, at less cost: DAPO's dynamic sampling, without
+                             # resampling); 'pair': of each group one reply above its mean and one below, drawn
+                             # in proportion to how far and weighted by the group's whole push (rl.sample_pairs):
+                             # the same expected gradient from 2 of the k replies (docs/experiments.md: far noisier)
 score_margin = 0.5           # subtracted from every score before that: with push_down = False, a reply must beat its
                              # group's mean by more than this to be pushed up at all (0.5: the reward model's
                              # standardised score is fairly sure)
@@ -209,7 +215,8 @@ if __name__ == '__main__':
                                  'value_warmup', 'max_iters', 'weight_decay', 'grad_clip', 'eval_tasks'),
                    fractions=('lora_dropout', 'beta1', 'beta2', 'clip_range'),
                    choices={'reward': ('model', 'gold'), 'token_credit': ('reply', 'prefix'),
-                            'group_baseline': ('leave_one_out', 'mean', 'least_noise', 'none')})
+                            'group_baseline': ('leave_one_out', 'mean', 'least_noise', 'none'),
+                            'group_train': ('all', 'spread', 'pair')})
     if token_credit == 'prefix' and (group_size < 2 or critic):
         fail("token_credit='prefix' needs groups (group_size > 1) and no critic (--critic=False)")
     if value_warmup and not critic:
@@ -218,6 +225,10 @@ if __name__ == '__main__':
         fail("the adaptive controller multiplies beta: with kl_target > 0 start from kl_coef > 0")
     if batch_size % minibatch_size:
         fail(f"minibatch_size must divide batch_size; got {minibatch_size} and {batch_size}")
+    unit = {'all': 1, 'spread': group_size, 'pair': 2}.get(group_train, 1)  # rows that stay in one minibatch
+    if group_train != 'all' and (group_size < 2 or critic or token_credit != 'reply' or minibatch_size % unit):
+        fail(f"group_train='{group_train}' needs groups (group_size > 1), no critic, token_credit='reply' and a "
+             f"minibatch_size that is a multiple of {unit}")
     if batch_size % group_size:
         fail(f"group_size must divide batch_size; got {group_size} and {batch_size}")
     if not (0 <= gamma <= 1 and 0 <= lam <= 1):
@@ -256,6 +267,8 @@ if __name__ == '__main__':
     # processes, devices, precision (common.setup_device, as in train.py)
     ddp, ddp_rank, ddp_world_size, device, device_type, dtype, ctx = setup_device(device, dtype)
     master_process = ddp_rank == 0
+    if ddp and group_train != 'all':  # each process would take its own number of steps, and DDP would wait forever
+        fail(f"group_train='{group_train}' runs on one process: its number of optimizer steps depends on the rollouts")
     seed_everything(seed)  # LoRA's A matrices, the reward head: the same on every run and every process
 
     # -------------------------------------------------------------------------
@@ -472,6 +485,20 @@ if __name__ == '__main__':
         with torch.no_grad(), ctx:
             old_logprobs = ro['logprobs']
             ref_logprobs = reference_logprobs(policy, ref_model, idx, vocab_limit, temperature).float()
+        kl_per_reply = ((old_logprobs - ref_logprobs) * mask).sum(1)  # a sample of KL(pi || ref) per reply
+        lengths = ro['lengths']
+        if group_train != 'all':  # from here on only the groups that differ, or one pair of each (rl.sample_pairs)
+            if group_train == 'pair':
+                rows, scores = sample_pairs(scores, group_size,
+                                            torch.Generator().manual_seed(int(rng.integers(2**62))))
+            else:
+                spread = raw_scores.view(-1, group_size)
+                spread = (spread.max(1).values > spread.min(1).values).repeat_interleave(group_size)
+                rows = spread.nonzero().squeeze(1)
+                scores = scores[rows]
+            idx, mask, old_logprobs, ref_logprobs = idx[rows], mask[rows], old_logprobs[rows], ref_logprobs[rows]
+            lengths = [lengths[i] for i in rows.tolist()]
+        with torch.no_grad(), ctx:
             # no critic: V = 0 and lambda = 1, so that GAE's advantage is the (discounted) reward-to-go
             old_values = value_model(idx[:, :-1]).float() if critic else torch.zeros_like(old_logprobs)
         beta = kl_ctl.value
@@ -485,17 +512,18 @@ if __name__ == '__main__':
         if whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         push_down_share = advantage_stats(advantages, mask)[2]  # after: how much of the push is downwards
-        kl_per_reply = ((old_logprobs - ref_logprobs) * mask).sum(1)  # a sample of KL(pi || ref) per reply
 
         # 4. PPO: ppo_epochs passes of minibatches over the rollouts, each step the clipped objective
         stats = []
         train_policy = iter_num >= value_warmup  # else the critic alone learns from these rollouts
         order_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        n_train = len(lengths)
         for epoch in range(ppo_epochs):
-            order = torch.randperm(batch_size, generator=order_gen).tolist()
-            for start in range(0, batch_size, minibatch_size):
+            order = (torch.randperm(n_train // unit, generator=order_gen)[:, None] * unit + torch.arange(unit))
+            order = order.view(-1).tolist()
+            for start in range(0, n_train, minibatch_size):
                 mb = order[start:start + minibatch_size]
-                T = max(ro['lengths'][i] for i in mb)  # trim the padding this minibatch does not need
+                T = max(lengths[i] for i in mb)  # trim the padding this minibatch does not need
                 mb_idx, mb_mask = idx[mb, :T], mask[mb, :T - 1]
                 with ctx:
                     with torch.set_grad_enabled(train_policy):  # no graph to wait for a backward (DDP would)
@@ -529,13 +557,14 @@ if __name__ == '__main__':
 
         # 5. KL control (beta's update) and the log, statistics averaged over processes
         gold_known = [g for g in gold if g is not None]
+        ro_mask = ro['mask'].float()  # every rollout's (with group_train the trained ones may be fewer)
         ro_stats = torch.tensor([raw_scores.float().mean().item(), kl_per_reply.mean().item(),
-                                 masked_mean(ro['entropy'], mask).item(), mask.sum(1).mean().item(),
-                                 sum(ro['ended']) / batch_size, rewards.sum(1).mean().item(),
+                                 masked_mean(ro['entropy'], ro_mask).item(), ro_mask.sum(1).mean().item(),
+                                 sum(ro['ended']) / batch_size, rewards.sum(1).mean().item() if len(rewards) else 0.0,
                                  sum(gold_known) / max(1, len(gold_known)),
                                  rm_scores.mean().item() if rm_scores is not None else 0.0,
                                  explained_variance(old_values, returns, mask) if critic else 0.0], device=device)
-        ppo_stats = torch.stack(stats).mean(0)
+        ppo_stats = torch.stack(stats).mean(0) if stats else torch.zeros(6, device=device)  # no pair: no step
         if ddp:
             for s in (ro_stats, ppo_stats):
                 dist.all_reduce(s)
@@ -553,7 +582,7 @@ if __name__ == '__main__':
                       policy_loss=pg_l, value_loss=vf_l if critic else None,
                       value_clip_frac=vf_clip_f if critic else None, explained_variance=expl_var if critic else None,
                       advantage_mean=adv_mean, advantage_std=adv_std, push_down_share=push_down_share,
-                      reply_tokens=reply_len, ended=ended_frac, seconds=dt, rollout_seconds=t_rollout,
+                      reply_tokens=reply_len, ended=ended_frac, trained_replies=n_train, seconds=dt, rollout_seconds=t_rollout,
                       example={'prompt': batch_prompts[0]['prompt'][-1]['content'], 'reply': texts[0]})
         if master_process and (iter_num % log_interval == 0 or iter_num == max_iters):
             print(f"iter {iter_num}: score {score_mean:.3f}"
@@ -561,7 +590,8 @@ if __name__ == '__main__':
                   + f", KL {kl:.3f} (beta {beta:.4f}), clip {clip_f:.3f}, approx KL {approx_kl_f:.4f}, "
                   f"entropy {rollout_entropy:.3f}, "
                   + (f"value loss {vf_l:.4f}, expl. var {expl_var:.2f}, " if critic else '') +
-                  f"reply {reply_len:.1f} tokens, {dt:.1f} s ({t_rollout:.1f} rollout); "
+                  f"reply {reply_len:.1f} tokens, " + (f"{n_train} trained, " if group_train != 'all' else '') +
+                  f"{dt:.1f} s ({t_rollout:.1f} rollout); "
                   f"{progress(iter_num, max_iters, t0, iter_start)}")
             log(record)
         if (iter_num % eval_interval == 0 or iter_num == max_iters) and master_process:

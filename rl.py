@@ -97,6 +97,29 @@ def prefix_advantages(actions, scores, group_size):
     return out
 
 
+def sample_pairs(advantages, group_size, generator=None):
+    """One reply above its group's baseline and one below, from each group that has both, for the policy
+    gradient at 2/k of its cost. With the group's mean as the baseline, sum_i A_i grad log pi(y_i) =
+    S (E_+[grad log pi(y+)] - E_-[grad log pi(y-)]), S = sum of the positive A_i = minus the sum of the negative
+    ones, where y+ is drawn among the replies above the mean with probability A_i / S and y- among those below
+    with |A_i| / S. So y+ trained with advantage S and y- with -S is an unbiased estimate of the whole group's
+    gradient (for 0/1 scores: one right and one wrong reply at random, S = right x wrong / k). A group whose
+    replies all score the same has no pair and costs nothing. Returns (rows, advantages): the chosen replies'
+    indices (pairs in turn: above, below) and their advantages +S, -S (for other baselines +S+ and -S-)."""
+    g = advantages.view(-1, group_size).float()
+    up, down = g.clamp(min=0), (-g).clamp(min=0)
+    has_pair = (up.sum(1) > 0) & (down.sum(1) > 0)
+    if not has_pair.any():
+        return torch.zeros(0, dtype=torch.long, device=advantages.device), advantages.new_zeros(0)
+    up, down = up[has_pair], down[has_pair]
+    pick_up = torch.multinomial(up.cpu(), 1, generator=generator).squeeze(1).to(g.device)  # a CPU generator
+    pick_down = torch.multinomial(down.cpu(), 1, generator=generator).squeeze(1).to(g.device)
+    base = has_pair.nonzero().squeeze(1) * group_size
+    rows = torch.stack([base + pick_up, base + pick_down], 1).view(-1)
+    weights = torch.stack([up.sum(1), -down.sum(1)], 1).view(-1).to(advantages.dtype)
+    return rows, weights
+
+
 def place_on_mask(values, mask):
     """(B, T-1) tensor holding row i's list of values at row i's masked positions, in order; zero elsewhere."""
     out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)

@@ -19,7 +19,8 @@ from plots import compare_runs
 from ppo import ValueModel
 from rl import (KLController, advantage_stats, explained_variance, gae, gradient_noise, group_advantages, kl_penalty,
                 leave_one_out, logprobs_and_entropy, masked_mean, masked_whiten, place_on_mask, policy_loss,
-                prefix_advantages, reference_logprobs, rollout, token_rewards, value_loss, weigh_down_pushes)
+                prefix_advantages, reference_logprobs, rollout, sample_pairs, token_rewards, value_loss,
+                weigh_down_pushes)
 from test_dpo import tiny_gpt, write_jsonl
 
 
@@ -410,6 +411,9 @@ def test_ppo_script_with_a_reward_model_and_resume(toy, tok_meta):
     (['--reward=gold', '--group_size=3'], 'group_size must divide batch_size'),
     (['--reward=gold', '--temperature=0'], 'temperature must be > 0'),
     (['--reward=gold', '--token_credit=prefix'], "token_credit='prefix' needs groups"),
+    (['--reward=gold', '--group_train=pairs'], "group_train must be one of all, spread, pair; got 'pairs'"),
+    (['--reward=gold', '--group_train=spread'], "group_train='spread' needs groups"),
+    (['--reward=gold', '--group_size=4', '--group_train=spread', '--minibatch_size=2'], "a multiple of 4"),
 ])
 def test_ppo_bad_input_fails_with_one_line_before_work(toy, args, message):
     write_jsonl(toy / 'noanswer.jsonl', ['"What is 2 + 2?"', {'prompt': 'Copy: a'}])
@@ -551,14 +555,47 @@ def test_a_group_whose_replies_all_score_the_same_gives_no_gradient():
         assert all(g.abs().max() == 0 for g in grads) and torch.equal(before, after)
 
 
-@pytest.mark.parametrize('token_credit,baseline', [('reply', 'mean'), ('prefix', 'mean'), ('reply', 'least_noise')])
-def test_ppo_script_learns_the_gold_answer_with_group_relative_advantages(toy, token_credit, baseline):
+def test_sample_pairs_is_an_unbiased_estimate_of_the_group_gradient():
+    """Each reply i of a group carries a stand-in gradient g_i; the group's policy gradient is sum_i A_i g_i
+    (A: the scores minus the group's mean). Trained on the pair alone, with advantages +S and -S, the estimate
+    averages to it over many draws; groups whose replies score alike give no pair."""
+    torch.manual_seed(0)
+    k = 4
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0,  0.0, 0.0, 0.0, 0.0,  0.3, -1.2, 0.5, 2.0,  1.0, 1.0, 1.0, 0.0])
+    adv = group_advantages(scores, k, 'mean')
+    g = torch.randn(len(scores), 3)
+    gen = torch.Generator().manual_seed(1)
+    draws, total = 20000, torch.zeros(len(scores) // k, 3)
+    for _ in range(draws):
+        rows, w = sample_pairs(adv, k, gen)
+        for r, a in zip(rows.tolist(), w.tolist()):
+            total[r // k] += a * g[r]
+    for group in range(len(scores) // k):
+        exact = sum(adv[i].item() * g[i] for i in range(group * k, group * k + k))
+        assert torch.allclose(total[group] / draws, exact, atol=0.03), group
+    rows, w = sample_pairs(adv, k, gen)
+    assert not any(r // k == 1 for r in rows.tolist())  # all wrong: nothing to contrast
+    for up, down, w_up, w_down in zip(rows[0::2].tolist(), rows[1::2].tolist(), w[0::2].tolist(), w[1::2].tolist()):
+        assert up // k == down // k and adv[up] > 0 > adv[down]  # one pair from one group: above, below
+        assert w_up == pytest.approx(-w_down)
+        group = scores[up // k * k: up // k * k + k]
+        if set(group.tolist()) <= {0.0, 1.0}:  # 0/1 scores: S = right x wrong / k
+            right = group.sum().item()
+            assert w_up == pytest.approx(right * (k - right) / k)
+    empty_rows, empty_w = sample_pairs(torch.zeros(8), 4, gen)
+    assert len(empty_rows) == 0 and len(empty_w) == 0
+
+
+@pytest.mark.parametrize('token_credit,baseline,train', [('reply', 'mean', 'all'), ('prefix', 'mean', 'all'),
+                                                         ('reply', 'least_noise', 'all'), ('reply', 'mean', 'spread')])
+def test_ppo_script_learns_the_gold_answer_with_group_relative_advantages(toy, token_credit, baseline, train):
     """GRPO on the toy: 8 prompts x 4 replies per iteration, advantages from the group's mean and std (for
-    the whole reply, or token by token from the group's tree of prefixes; or the least-noise baseline), wrong
-    replies pushed down, no critic: the least-liked letter is learned within a dozen iterations."""
-    out = toy / f'out-grpo-{token_credit}-{baseline}'
+    the whole reply, or token by token from the group's tree of prefixes; or the least-noise baseline; or only
+    the groups whose replies differ trained), wrong replies pushed down, no critic: the least-liked letter is
+    learned within a dozen iterations."""
+    out = toy / f'out-grpo-{token_credit}-{baseline}-{train}'
     run(['ppo.py', f'--init_from={toy / "sft"}', f'--out_dir={out}', f'--data_dir={toy}', '--reward=gold',
-         f'--token_credit={token_credit}',
+         f'--token_credit={token_credit}', f'--group_train={train}',
          '--group_size=4', f'--group_baseline={baseline}', '--group_std=True', '--push_down=True', '--critic=False',
          '--whiten_advantages=False', '--lora_rank=0', '--learning_rate=1e-3', '--max_iters=12', '--kl_coef=0.02',
          '--kl_target=0', '--temperature=1.0', *PPO_TINY])

@@ -11,7 +11,8 @@ RLHF with PPO (Schulman et al. 2017) and a KL penalty, as in Ziegler et al. 2019
   3. advantages: with critic = True (textbook PPO) a value model predicts the return from each position,
      GAE (gamma, lambda) turns rewards and values into advantages, which are whitened. Without one (the
      default) the advantage is the reward-to-go itself, REINFORCE-style, or with group_size > 1 each reply's
-     score relative to the other replies to its prompt (RLOO, GRPO); docs/experiments.md has which won;
+     score relative to the other replies to its prompt (RLOO, GRPO; group_train trains only the groups whose
+     replies differ, or one pair of each); docs/experiments.md has which won;
   4. PPO: several epochs of minibatches over the rollouts, each step the clipped surrogate objective for the
      policy and a clipped regression for the value model, with gradient clipping.
 

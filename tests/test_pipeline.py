@@ -245,6 +245,7 @@ def test_the_shipped_grpo_config_is_named_grpo():
     m = rl_method(config)
     assert (m['algorithm'], m['baseline'], m['reward']) == ('grpo', 'group', 'checker')
     assert config['push_down'] and config['batch_size'] % config['minibatch_size'] == config['minibatch_size'] % config['group_size'] == 0
+    assert config['group_train'] == 'spread'  # a minibatch holds whole groups
 
 
 def test_overoptimization_text_reads_the_points():

@@ -239,11 +239,13 @@ def test_rl_method_names_what_ppo_ran(config, expected):
     assert (m['algorithm'], m['baseline'], m['reward']) == expected
 
 
-def test_the_shipped_grpo_config_is_named_grpo():
-    """config/grpo_tasks_gold.py (the group-relative run of docs/experiments.md) is what the card would call it."""
-    config = runpy.run_path(str(ROOT / 'config' / 'grpo_tasks_gold.py'))
+@pytest.mark.parametrize('name,reward', [('grpo_tasks_gold.py', 'checker'), ('grpo_tasks.py', 'model')])
+def test_the_shipped_grpo_configs_are_named_grpo(name, reward):
+    """config/grpo_tasks_gold.py and config/grpo_tasks.py (the group-relative runs of docs/experiments.md) are what
+    the card would call them."""
+    config = runpy.run_path(str(ROOT / 'config' / name))
     m = rl_method(config)
-    assert (m['algorithm'], m['baseline'], m['reward']) == ('grpo', 'group', 'checker')
+    assert (m['algorithm'], m['baseline'], m['reward']) == ('grpo', 'group', reward)
     assert config['push_down'] and config['batch_size'] % config['minibatch_size'] == config['minibatch_size'] % config['group_size'] == 0
     assert config['group_train'] == 'spread'  # a minibatch holds whole groups
 

@@ -583,7 +583,8 @@ if __name__ == '__main__':
                       policy_loss=pg_l, value_loss=vf_l if critic else None,
                       value_clip_frac=vf_clip_f if critic else None, explained_variance=expl_var if critic else None,
                       advantage_mean=adv_mean, advantage_std=adv_std, push_down_share=push_down_share,
-                      reply_tokens=reply_len, ended=ended_frac, trained_replies=n_train, seconds=dt, rollout_seconds=t_rollout,
+                      reply_tokens=reply_len, ended=ended_frac, trained_replies=n_train, seconds=dt,
+                      rollout_seconds=t_rollout,
                       example={'prompt': batch_prompts[0]['prompt'][-1]['content'], 'reply': texts[0]})
         if master_process and (iter_num % log_interval == 0 or iter_num == max_iters):
             print(f"iter {iter_num}: score {score_mean:.3f}"

@@ -246,7 +246,8 @@ def test_the_shipped_grpo_configs_are_named_grpo(name, reward):
     config = runpy.run_path(str(ROOT / 'config' / name))
     m = rl_method(config)
     assert (m['algorithm'], m['baseline'], m['reward']) == ('grpo', 'group', reward)
-    assert config['push_down'] and config['batch_size'] % config['minibatch_size'] == config['minibatch_size'] % config['group_size'] == 0
+    assert config['push_down']
+    assert config['batch_size'] % config['minibatch_size'] == config['minibatch_size'] % config['group_size'] == 0
     assert config['group_train'] == 'spread'  # a minibatch holds whole groups
 
 

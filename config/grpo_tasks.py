@@ -1,8 +1,8 @@
 # GRPO with the learned reward model (config/reward_tasks.py) and a KL penalty that binds: config/grpo_tasks_gold.py's
 # groups (8 replies to each of 128 prompts, each scored against its group's mean and std, every below-mean reply
 # pushed down, no critic), with the reward model's standardised score instead of the checker and a slow controller.
-# From the AMD EPYC recipe's SFT and reward models (39.9% val, 40.5% test): 47.3% val, 46.9% test (SFT + 7.4 /
-# + 6.4) at a KL of 0.53 against the target of 0.5; the recipe's no-baseline PPO row from the same models: + 3.8
+# From an AMD EPYC recipe run's SFT and reward models (39.9% val, 40.5% test): 47.3% val, 46.9% test (SFT + 7.4 /
+# + 6.4) at a KL of 0.53 against the target of 0.5; that run's no-baseline PPO row from the same models: + 3.8
 # val, in a fraction of the time (docs/experiments.md, "RL with the learned reward: baselines").
 #   python ppo.py config/grpo_tasks.py --init_from=out-sft --reward_model=out-reward
 init_from = 'out-sft'

@@ -1,9 +1,9 @@
 # GRPO (DeepSeekMath's group-relative policy optimization) with the task checker as the reward: 8 replies to each
 # of 128 prompts per batch, each reply scored against its group's mean and std, every below-mean reply pushed
 # down, no critic; only the groups whose replies differ train (the rest have no advantage), two passes over each
-# batch in minibatches of 256 replies (32 groups), PPO's clipped ratio over the reuse. From the AMD EPYC recipe's
-# SFT model (39.9% val, 40.5% test): 56.3% val, 55.1% test (SFT + 16.4 / + 14.6), in ~410 s at two threads,
-# where the no-baseline config/ppo_tasks_gold.py gains + 17.6 / + 14.9 in the recipe's 164 s
+# batch in minibatches of 256 replies (32 groups), PPO's clipped ratio over the reuse. From an AMD EPYC recipe
+# run's SFT model (39.9% val, 40.5% test): 56.3% val, 55.1% test (SFT + 16.4 / + 14.6), in ~410 s at two threads,
+# where the no-baseline config/ppo_tasks_gold.py gains + 21.5 / + 19.4 in the recipe's 163 s
 # (docs/experiments.md, "RL with the checker: group-relative runs").
 #   python ppo.py config/grpo_tasks_gold.py --init_from=out-sft
 init_from = 'out-sft'

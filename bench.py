@@ -93,7 +93,7 @@ def chat_sampling(max_new_tokens=16):
     per-token Python, no stopping. Their ratio is what the sampler adds to the model's own compute.
     Rows of (what, replies/s, tokens/s, tokens/reply)."""
     from model import find_model
-    from rl import logprobs_and_entropy, rollout
+    from rl import logprobs_by_length, rollout
     from tasks import chat_ids, load_chat_model, read_tasks, render_prompt
     model, _, tokenizer = load_chat_model(find_model(chat_model) or chat_model if os.path.isdir(chat_model)
                                           else chat_model, device)
@@ -134,9 +134,10 @@ def chat_sampling(max_new_tokens=16):
         hook.remove()
         return out
 
-    def replay(seqs, batch, idxs=()):
+    def replay(seqs, batch, ros=()):
         """The recorded forward passes alone: each batch's prefill, then one step for each recorded row count
-        (the cache cut to that many rows when rows finished), then the log-probs pass over a rollout's idx."""
+        (the cache cut to that many rows when rows finished), then the log-probs pass over a rollout's idx (in
+        runs of rows of similar length, as the rollout runs it)."""
         for b, steps in zip(range(0, len(seqs), batch), passes):
             cache, _ = model._prefill(seqs[b:b + batch], max_new_tokens)
             idx = torch.full((cache.batch_size, 1), end, device=device)
@@ -144,8 +145,8 @@ def chat_sampling(max_new_tokens=16):
                 if n < cache.batch_size:
                     cache.select_rows(torch.arange(n, device=device))
                 model._decode_step(cache, idx[:n])
-        for idx in idxs:
-            logprobs_and_entropy(model, idx, vocab, 0.7)
+        for ro in ros:
+            logprobs_by_length(model, ro['idx'], ro['lengths'], vocab, 0.7)
 
     rows = []
     with torch.no_grad(), ctx:
@@ -161,7 +162,7 @@ def chat_sampling(max_new_tokens=16):
         n_tok = int(sum(ro['mask'].sum() for ro in ros))
         rows.append((f"RL rollouts: 1 reply x {len(prompts)} prompts at T=0.7, batch 128, with the log-probs pass",
                      len(prompts) / dt, n_tok / dt, n_tok / len(prompts)))
-        _, dt = timed(lambda: replay(prompts, 128, [ro['idx'] for ro in ros]))
+        _, dt = timed(lambda: replay(prompts, 128, ros))
         rows.append(("  its forward passes alone", len(prompts) / dt, n_tok / dt, n_tok / len(prompts)))
     return rows
 

@@ -59,9 +59,9 @@ from model import (GPT, CheckpointError, GPTConfig, clean_state_dict, start_poin
 from tasks import (chat_ids, check_answer, eval_tasks_from, gold_accuracy, load_chat_model, read_tasks,
                    render_prompt)
 from reward import RewardModel, load_reward_model, score_ids
-from rl import (KLController, advantage_stats, explained_variance, gae, group_advantages, logprobs_and_entropy,
-                masked_mean, masked_whiten, place_on_mask, policy_loss, prefix_advantages, reference_logprobs,
-                rollout, sample_pairs, token_rewards, value_loss, weigh_down_pushes)
+from rl import (KLController, advantage_stats, by_length, explained_variance, gae, group_advantages,
+                logprobs_and_entropy, masked_mean, masked_whiten, place_on_mask, policy_loss, prefix_advantages,
+                reference_logprobs, rollout, sample_pairs, token_rewards, value_loss, weigh_down_pushes)
 
 # -----------------------------------------------------------------------------
 # The defaults are the recipe's run with the learned reward (config/ppo_tasks.py spells them out).
@@ -410,7 +410,7 @@ if __name__ == '__main__':
         with ctx:
             ro = rollout(policy, [encode_prompt(r['prompt']) for r in records], max_new_tokens, end_token, gen,
                          vocab_limit, temperature)
-            ref = reference_logprobs(policy, ref_model, ro['idx'], vocab_limit, temperature).float()
+            ref = reference_logprobs(policy, ref_model, ro['idx'], vocab_limit, temperature, ro['lengths'])
         _, gold, rm_scores = score_rollouts(records, ro)
         return dict(kl=((ro['logprobs'] - ref) * ro['mask']).sum(1).mean().item(),
                     gold_accuracy=sum(gold) / len(gold),
@@ -485,7 +485,7 @@ if __name__ == '__main__':
         # every token), values, GAE (no gradient: these are the targets)
         with torch.no_grad(), ctx:
             old_logprobs = ro['logprobs']
-            ref_logprobs = reference_logprobs(policy, ref_model, idx, vocab_limit, temperature).float()
+            ref_logprobs = reference_logprobs(policy, ref_model, idx, vocab_limit, temperature, ro['lengths'])
         kl_per_reply = ((old_logprobs - ref_logprobs) * mask).sum(1)  # a sample of KL(pi || ref) per reply
         lengths = ro['lengths']
         if group_train != 'all':  # from here on only the groups that differ, or one pair of each (rl.sample_pairs)
@@ -524,23 +524,36 @@ if __name__ == '__main__':
             order = order.view(-1).tolist()
             for start in range(0, n_train, minibatch_size):
                 mb = order[start:start + minibatch_size]
-                T = max(lengths[i] for i in mb)  # trim the padding this minibatch does not need
-                mb_idx, mb_mask = idx[mb, :T], mask[mb, :T - 1]
-                with ctx:
-                    with torch.set_grad_enabled(train_policy):  # no graph to wait for a backward (DDP would)
-                        logprobs, entropy = policy_ddp(mb_idx)
-                    pg_loss, clip_frac, approx_kl = policy_loss(logprobs.float(), old_logprobs[mb, :T - 1],
-                                                                advantages[mb, :T - 1], mb_mask, clip_range)
-                    ent = masked_mean(entropy.float(), mb_mask)
-                    vf_loss = vf_clip_frac = torch.zeros((), device=device)
-                    if critic:
-                        values = value_ddp(mb_idx[:, :-1]).float()
-                        vf_loss, vf_clip_frac = value_loss(values, old_values[mb, :T - 1], returns[mb, :T - 1],
-                                                           mb_mask, clip_range)
-                    # two separate networks: one backward pass serves both, each its own optimizer
-                    loss = (pg_loss if train_policy else 0) + vf_loss
+                # in runs of 32 rows of similar length, each trimmed to its longest row (rl.by_length: a minibatch
+                # of replies padded to its longest row is ~45% padding), each run's losses weighted by its share
+                # of the minibatch's reply tokens: the gradient of the whole minibatch's masked means
+                runs = by_length(mb, lengths, 32)
+                n_tokens = mask[mb].sum()
+                mb_stats = 0
+                for k, (rows, T) in enumerate(runs):
+                    run_idx, run_mask = idx[rows, :T], mask[rows, :T - 1]
+                    share = run_mask.sum() / n_tokens
+                    with ctx:
+                        with torch.set_grad_enabled(train_policy):  # no graph to wait for a backward (DDP would)
+                            logprobs, entropy = policy_ddp(run_idx)
+                        pg_loss, clip_frac, approx_kl = policy_loss(logprobs.float(), old_logprobs[rows, :T - 1],
+                                                                    advantages[rows, :T - 1], run_mask, clip_range)
+                        ent = masked_mean(entropy.float(), run_mask)
+                        vf_loss = vf_clip_frac = torch.zeros((), device=device)
+                        if critic:
+                            values = value_ddp(run_idx[:, :-1]).float()
+                            vf_loss, vf_clip_frac = value_loss(values, old_values[rows, :T - 1],
+                                                               returns[rows, :T - 1], run_mask, clip_range)
+                        # two separate networks: one backward pass serves both, each its own optimizer
+                        loss = (pg_loss if train_policy else 0) + vf_loss
+                    if ddp:  # the processes average their gradients once, in the minibatch's last backward
+                        for m in (policy_ddp, value_ddp):
+                            if m is not None:
+                                m.require_backward_grad_sync = k == len(runs) - 1
+                    scaler.scale(loss * share).backward()
+                    mb_stats = mb_stats + share * torch.stack([pg_loss.detach(), vf_loss.detach(), clip_frac,
+                                                               approx_kl, vf_clip_frac, ent.detach()])
                 optimizers = ([policy_optimizer] if train_policy else []) + ([value_optimizer] if critic else [])
-                scaler.scale(loss).backward()
                 if grad_clip > 0:
                     for opt in optimizers:
                         scaler.unscale_(opt)
@@ -552,8 +565,7 @@ if __name__ == '__main__':
                 scaler.update()
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
-                stats.append(torch.stack([pg_loss.detach(), vf_loss.detach(), clip_frac, approx_kl,
-                                          vf_clip_frac, ent.detach()]))
+                stats.append(mb_stats)
         iter_num += 1
 
         # 5. KL control (beta's update) and the log, statistics averaged over processes

@@ -143,17 +143,20 @@ def reply_ids(prompt, reply, tokenizer, block_size):
 
 @torch.no_grad()
 def score_ids(reward_model, seqs, batch_size=64):
-    """Rewards (float tensor (N,)) of token sequences of any lengths up to block_size, batched."""
+    """Rewards (float tensor (N,)) of token sequences of any lengths up to block_size, in batches of sequences of
+    similar length, each padded to its longest (replies to prompts of 7-21 tokens: far less padding)."""
     was_training = reward_model.training
     reward_model.eval()
     device = reward_model.head.weight.device
-    out = []
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.zeros(len(seqs), device=device)
     for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i:i + batch_size]
+        rows = order[i:i + batch_size]
+        chunk = [seqs[j] for j in rows]
         lengths = torch.tensor([len(s) for s in chunk], device=device)
-        out.append(reward_model(pad_batch(chunk, 0, device), lengths))
+        out[rows] = reward_model(pad_batch(chunk, 0, device), lengths).float()
     reward_model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+    return out
 
 
 def score(reward_model, tokenizer, prompts, replies, batch_size=64):

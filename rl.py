@@ -248,14 +248,41 @@ def gradient_noise(model, idx, mask, weightings, vocab_limit=None, temperature=1
     return stats, norms
 
 
+def by_length(rows, lengths, size):
+    """rows (indices into a batch) in runs of at most `size` rows of similar length, shortest first, each with
+    the longest length in it: [(rows, T)]. A batch of replies to prompts of 7-21 tokens, every row padded to the
+    longest, is ~45% padding; a run trimmed to its own longest row skips most of it."""
+    rows = sorted(rows, key=lambda i: lengths[i])
+    runs = [rows[s:s + size] for s in range(0, len(rows), size)]
+    return [(run, max(lengths[i] for i in run)) for run in runs]
+
+
+def logprobs_by_length(model, idx, lengths, vocab_limit=None, temperature=1.0, size=64):
+    """logprobs_and_entropy of a right-padded batch (row i: lengths[i] real tokens), in runs of rows of similar
+    length (by_length), each trimmed to its longest row: the same (B, T-1) tensors, 0 past a row's end, at
+    about half the cost on a batch of replies (another shape may sum in another order: the last bits can differ)."""
+    logprobs = torch.zeros(idx.shape[0], idx.shape[1] - 1, device=idx.device)
+    entropy = torch.zeros_like(logprobs)
+    for rows, T in by_length(range(idx.shape[0]), lengths, size):
+        lp, ent = logprobs_and_entropy(model, idx[rows, :T], vocab_limit, temperature)
+        logprobs[rows, :T - 1], entropy[rows, :T - 1] = lp.float(), ent.float()
+    real = torch.arange(idx.shape[1] - 1, device=idx.device) < torch.tensor(lengths, device=idx.device)[:, None] - 1
+    return logprobs * real, entropy * real
+
+
 @torch.no_grad()
-def reference_logprobs(policy, ref_model, idx, vocab_limit=None, temperature=1.0):
+def reference_logprobs(policy, ref_model, idx, vocab_limit=None, temperature=1.0, lengths=None):
     """Log-probs under the frozen supervised model (at the same temperature as the policy): ref_model if there
-    is one (full training), else the policy with its LoRA adapters switched off."""
+    is one (full training), else the policy with its LoRA adapters switched off. With each row's length, in
+    runs of similar length (logprobs_by_length)."""
+    def logprobs(model):
+        if lengths is None:
+            return logprobs_and_entropy(model, idx, vocab_limit, temperature)[0]
+        return logprobs_by_length(model, idx, lengths, vocab_limit, temperature)[0]
     if ref_model is not None:
-        return logprobs_and_entropy(ref_model, idx, vocab_limit, temperature)[0]
+        return logprobs(ref_model)
     with lora_disabled(policy):
-        return logprobs_and_entropy(policy, idx, vocab_limit, temperature)[0]
+        return logprobs(policy)
 
 
 @torch.no_grad()
@@ -264,7 +291,7 @@ def rollout(policy, prompts, max_new_tokens, end_token, generator=None, vocab_li
     end_token; the batch PPO trains on:
       idx (B, T): prompt + reply (+ end_token if it stopped), right-padded with 0
       mask (B, T-1): True at t where idx[:, t+1] is a reply token: the actions
-      logprobs, entropy (B, T-1): of the policy that sampled them (one forward pass over idx)
+      logprobs, entropy (B, T-1): of the policy that sampled them (a forward pass over idx: logprobs_by_length)
       replies: the reply tokens without end_token; ended: whether each reply stopped by itself."""
     was_training = policy.training
     policy.eval()
@@ -280,10 +307,11 @@ def rollout(policy, prompts, max_new_tokens, end_token, generator=None, vocab_li
         ended.append(stopped)
     idx = pad_batch(seqs, 0, device)
     mask = pad_batch(masks, 0, device).bool()
-    logprobs, entropy = logprobs_and_entropy(policy, idx, vocab_limit, temperature)
+    lengths = [len(s) for s in seqs]
+    logprobs, entropy = logprobs_by_length(policy, idx, lengths, vocab_limit, temperature)
     policy.train(was_training)
     return dict(idx=idx, mask=mask, logprobs=logprobs, entropy=entropy, replies=replies, ended=ended,
-                lengths=[len(s) for s in seqs])
+                lengths=lengths)
 
 
 @torch.no_grad()
@@ -296,6 +324,6 @@ def sampled_kl(policy, ref_model, prompts, max_new_tokens, end_token, generator=
     kls = []
     for i in range(0, len(prompts), batch_size):
         ro = rollout(policy, prompts[i:i + batch_size], max_new_tokens, end_token, generator, vocab_limit)
-        ref = reference_logprobs(policy, ref_model, ro['idx'], vocab_limit)
+        ref = reference_logprobs(policy, ref_model, ro['idx'], vocab_limit, lengths=ro['lengths'])
         kls.append(((ro['logprobs'].float() - ref.float()) * ro['mask']).sum(1))
     return torch.cat(kls).mean().item() if kls else 0.0

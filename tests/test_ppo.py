@@ -17,10 +17,10 @@ import tokenizer as TK
 from conftest import error_line, read_metrics, run
 from plots import compare_runs
 from ppo import ValueModel
-from rl import (KLController, advantage_stats, explained_variance, gae, gradient_noise, group_advantages, kl_penalty,
-                leave_one_out, logprobs_and_entropy, masked_mean, masked_whiten, place_on_mask, policy_loss,
-                prefix_advantages, reference_logprobs, rollout, sample_pairs, token_rewards, value_loss,
-                weigh_down_pushes)
+from rl import (KLController, advantage_stats, by_length, explained_variance, gae, gradient_noise, group_advantages,
+                kl_penalty, leave_one_out, logprobs_and_entropy, logprobs_by_length, masked_mean, masked_whiten,
+                place_on_mask, policy_loss, prefix_advantages, reference_logprobs, rollout, sample_pairs,
+                token_rewards, value_loss, weigh_down_pushes)
 from test_dpo import tiny_gpt, write_jsonl
 
 
@@ -218,6 +218,81 @@ def test_rollout_logprobs_equal_a_fresh_forward_pass(tokenizer):
     assert all(layer.enabled for layer in M.lora_layers(policy))
 
 
+def real_positions(lengths, T):
+    """(B, T-1): True at the positions of each row's own tokens (t < length - 1), False in its padding."""
+    return torch.arange(T - 1)[None, :] < torch.tensor(lengths)[:, None] - 1
+
+
+def test_by_length_runs_rows_of_similar_length_and_loses_none():
+    lengths = [9, 3, 14, 3, 7, 12, 5, 9, 1, 20, 4]
+    rows = [0, 2, 3, 5, 6, 7, 8, 10]  # a minibatch: a subset of the batch, in any order
+    runs = by_length(rows, lengths, 3)
+    assert sorted(i for run, _ in runs for i in run) == sorted(rows)  # every row once
+    assert [len(run) for run, _ in runs] == [3, 3, 2]
+    flat = [lengths[i] for run, _ in runs for i in run]
+    assert flat == sorted(flat)  # shortest first: each run's rows as alike in length as runs of 3 can be
+    assert [T for _, T in runs] == [max(lengths[i] for i in run) for run, _ in runs] == [4, 9, 14]
+    assert by_length([], lengths, 3) == []
+
+
+def test_logprobs_by_length_equal_one_pass_over_the_padded_batch():
+    """The reference: logprobs_and_entropy over the whole right-padded batch. In runs of similar length each row's
+    own positions get the same numbers (to float rounding: a shorter shape sums in another order); its padding 0."""
+    policy = tiny_gpt(seed=4).eval()
+    g = torch.Generator().manual_seed(1)
+    lengths = [int(n) for n in torch.randint(2, 20, (13,), generator=g)]
+    idx = M.pad_batch([torch.randint(0, 250, (n,), generator=g).tolist() for n in lengths])
+    with torch.no_grad():
+        whole_lp, whole_ent = logprobs_and_entropy(policy, idx, temperature=0.7)
+        lp, ent = logprobs_by_length(policy, idx, lengths, temperature=0.7, size=4)
+    real = real_positions(lengths, idx.size(1))
+    assert torch.allclose(lp[real], whole_lp[real], atol=1e-5)
+    assert torch.allclose(ent[real], whole_ent[real], atol=1e-5)
+    assert lp[~real].abs().sum() == 0 and ent[~real].abs().sum() == 0
+
+
+def test_minibatch_in_runs_weighted_by_tokens_has_the_whole_minibatchs_gradient():
+    """ppo.py's training step: a minibatch's rows in runs of similar length (by_length), each run trimmed to its
+    longest row and its losses weighted by its share of the minibatch's reply tokens. Reference: the clipped loss
+    over the whole padded minibatch at once; the gradient must be the same."""
+    policy = tiny_gpt(seed=6)
+    M.apply_lora(policy, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for layer in M.lora_layers(policy):
+            layer.lora_B.normal_(0, 0.1)
+    policy.eval()
+    g = torch.Generator().manual_seed(2)
+    prompt_lengths = [int(n) for n in torch.randint(2, 12, (10,), generator=g)]
+    reply_lengths = [int(n) for n in torch.randint(1, 8, (10,), generator=g)]
+    lengths = [p + r for p, r in zip(prompt_lengths, reply_lengths)]
+    idx = M.pad_batch([torch.randint(0, 250, (n,), generator=g).tolist() for n in lengths])
+    mask = torch.zeros(10, idx.size(1) - 1)
+    for i, (p, r) in enumerate(zip(prompt_lengths, reply_lengths)):
+        mask[i, p - 1:p - 1 + r] = 1
+    with torch.no_grad():
+        old = logprobs_and_entropy(policy, idx)[0] + 0.1 * torch.randn(mask.shape, generator=g)  # ratios off 1
+    advantages = torch.randn(mask.shape, generator=g)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    mb = [7, 2, 9, 0, 4, 5, 1]
+
+    T = max(lengths[i] for i in mb)
+    loss, _, _ = policy_loss(logprobs_and_entropy(policy, idx[mb, :T])[0], old[mb, :T - 1], advantages[mb, :T - 1],
+                             mask[mb, :T - 1], 0.2)
+    whole = torch.autograd.grad(loss, params)
+
+    total = 0
+    n_tokens = mask[mb].sum()
+    for rows, T in by_length(mb, lengths, 3):
+        run_mask = mask[rows, :T - 1]
+        run_loss, _, _ = policy_loss(logprobs_and_entropy(policy, idx[rows, :T])[0], old[rows, :T - 1],
+                                     advantages[rows, :T - 1], run_mask, 0.2)
+        total = total + run_loss * run_mask.sum() / n_tokens
+    in_runs = torch.autograd.grad(total, params)
+    assert torch.allclose(total, loss, atol=1e-6)
+    for a, b in zip(in_runs, whole):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_rollout_with_vocab_limit_samples_and_scores_the_limited_distribution():
     policy = tiny_gpt(seed=4).eval()
     ro = rollout(policy, [[1, 2, 3]] * 8, 10, end_token=250, generator=torch.Generator().manual_seed(0), vocab_limit=251)
@@ -225,9 +300,10 @@ def test_rollout_with_vocab_limit_samples_and_scores_the_limited_distribution():
     with torch.no_grad():
         logits = policy.lm_head(policy.hidden_states(ro['idx'][:, :-1]))[..., :251]
         expected = torch.log_softmax(logits, -1).gather(2, ro['idx'][:, 1:, None]).squeeze(-1)
-    assert torch.allclose(ro['logprobs'], expected, atol=1e-5)
+    real = real_positions(ro['lengths'], ro['idx'].size(1))
+    assert torch.allclose(ro['logprobs'][real], expected[real], atol=1e-5)
     p = torch.softmax(logits, -1)
-    assert torch.allclose(ro['entropy'], -(p * p.log()).sum(-1), atol=1e-4)
+    assert torch.allclose(ro['entropy'][real], -(p * p.log()).sum(-1)[real], atol=1e-4)
 
 
 def test_rollout_at_a_temperature_scores_the_tempered_distribution_it_samples():
@@ -241,11 +317,14 @@ def test_rollout_at_a_temperature_scores_the_tempered_distribution_it_samples():
     with torch.no_grad():
         logits = policy.lm_head(policy.hidden_states(ro['idx'][:, :-1])) / 0.5
     expected = torch.log_softmax(logits, -1).gather(2, ro['idx'][:, 1:, None]).squeeze(-1)
-    assert torch.allclose(ro['logprobs'], expected, atol=1e-5)
+    real = real_positions(ro['lengths'], ro['idx'].size(1))
+    assert torch.allclose(ro['logprobs'][real], expected[real], atol=1e-5)
     p = torch.softmax(logits, -1)
-    assert torch.allclose(ro['entropy'], -(p * p.log()).sum(-1), atol=1e-4)
+    assert torch.allclose(ro['entropy'][real], -(p * p.log()).sum(-1)[real], atol=1e-4)
     ref = reference_logprobs(policy, copy.deepcopy(policy), ro['idx'], temperature=0.5)
     assert torch.allclose(ref, expected, atol=1e-5)
+    ref = reference_logprobs(policy, copy.deepcopy(policy), ro['idx'], temperature=0.5, lengths=ro['lengths'])
+    assert torch.allclose(ref[real], expected[real], atol=1e-5)
 
 
 def test_value_model_loads_a_reward_model_and_reads_every_position():

@@ -37,8 +37,8 @@ from common import (get_lr, metrics_logger, optimizer_step, progress, seed_every
 from model import (clean_state_dict, start_point, lora_disabled, merged_gpt, parse_lora_targets,
                    policy_and_reference, response_logprobs, save_checkpoint)
 from rl import sampled_kl
-from tasks import (chat_ids, encode_preferences, eval_tasks_from, gold_accuracy, load_chat_model, preference_batch,
-                   preference_splits, read_tasks, render_prompt)
+from tasks import (chat_ids, encode_preferences, eval_tasks_from, gold_accuracy, load_chat_model, pairs_by_length,
+                   preference_batch, preference_splits, read_tasks, render_prompt)
 
 # -----------------------------------------------------------------------------
 init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt);
@@ -290,21 +290,24 @@ if __name__ == '__main__':
         set_lr(optimizer, lr)
         for micro_step in range(accum_steps):
             rng = np.random.default_rng([seed, iter_num, ddp_rank * accum_steps + micro_step])
-            idx, mask, _ = preference_batch([train_data[i] for i in rng.integers(0, len(train_data), batch_size)],
-                                            device)
+            examples = [train_data[i] for i in rng.integers(0, len(train_data), batch_size)]
             torch.manual_seed(int(rng.integers(2**62)))  # dropout masks: a function of (seed, iteration, micro-step)
-            if ddp:
-                model.require_backward_grad_sync = (micro_step == accum_steps - 1)
-            with ctx:
-                ref_c, ref_r = reference_logprobs(idx, mask).float().view(2, -1)
-                pol_c, pol_r = model(idx, mask).float().view(2, -1)  # chosen rows first, then rejected
-                n_chosen, n_rejected = mask[:, 1:].sum(1).view(2, -1)  # reply tokens of each row
-                losses, chosen_rewards, rejected_rewards = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, loss_type,
-                                                                    label_smoothing, sft_weight, n_chosen, n_rejected)
-                loss = losses.mean() / accum_steps
-            s = pair_stats(losses.detach(), chosen_rewards, rejected_rewards)
-            sums += torch.tensor(list(s.values()), device=device) / accum_steps
-            scaler.scale(loss).backward()
+            runs = pairs_by_length(examples)  # two runs of similar length: far less padding, the same mean loss
+            for k, (pairs, share) in enumerate(runs):
+                idx, mask, _ = preference_batch(pairs, device)
+                if ddp:
+                    model.require_backward_grad_sync = (micro_step == accum_steps - 1 and k == len(runs) - 1)
+                with ctx:
+                    ref_c, ref_r = reference_logprobs(idx, mask).float().view(2, -1)
+                    pol_c, pol_r = model(idx, mask).float().view(2, -1)  # chosen rows first, then rejected
+                    n_chosen, n_rejected = mask[:, 1:].sum(1).view(2, -1)  # reply tokens of each row
+                    losses, chosen_rewards, rejected_rewards = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, loss_type,
+                                                                        label_smoothing, sft_weight, n_chosen,
+                                                                        n_rejected)
+                    loss = losses.mean() * share / accum_steps
+                s = pair_stats(losses.detach(), chosen_rewards, rejected_rewards)
+                sums += torch.tensor(list(s.values()), device=device) * share / accum_steps
+                scaler.scale(loss).backward()
         optimizer_step(optimizer, scaler, [p for p in policy.parameters() if p.requires_grad], grad_clip)
         iter_num += 1
         if iter_num % log_interval == 0 or iter_num == max_iters:

@@ -31,8 +31,8 @@ from common import (get_lr, metrics_logger, optimizer_step, progress, seed_every
                     steps_per_process)
 from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict, load_checkpoint, start_point,
                    merge_lora, pad_batch, parse_lora_targets, save_checkpoint)
-from tasks import (SKILLS, chat_ids, check_answer, encode_preferences, load_chat_model, preference_batch,
-                   preference_splits, read_tasks, render_prompt, sample_replies)
+from tasks import (SKILLS, chat_ids, check_answer, encode_preferences, load_chat_model, pairs_by_length,
+                   preference_batch, preference_splits, read_tasks, render_prompt, sample_replies)
 
 # -----------------------------------------------------------------------------
 init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt);
@@ -284,10 +284,6 @@ if __name__ == '__main__':
     if not train_data or not val_data_ex:
         fail("no usable train or val pairs after tokenizing")
 
-    def get_batch(source, rng):
-        rows = [source[i] for i in rng.integers(0, len(source), size=batch_size)]
-        return preference_batch(rows, device)
-
     # -------------------------------------------------------------------------
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
@@ -386,16 +382,19 @@ if __name__ == '__main__':
         set_lr(optimizer, lr)
         for micro_step in range(accum_steps):
             rng = np.random.default_rng([seed, iter_num, ddp_rank * accum_steps + micro_step])
-            idx, _, lengths = get_batch(train_data, rng)
+            examples = [train_data[i] for i in rng.integers(0, len(train_data), size=batch_size)]
             torch.manual_seed(int(rng.integers(2**62)))  # dropout masks: a function of (seed, iteration, micro-step)
-            if ddp:
-                model.require_backward_grad_sync = (micro_step == accum_steps - 1)
-            with ctx:
-                rc, rr = model(idx, lengths).view(2, -1)  # chosen rows first, then rejected
-                loss = reward_loss(rc, rr, center_coef) / accum_steps
-            loss_sum += loss.detach()
-            acc_sum += (rc > rr).float().mean().detach() / accum_steps
-            scaler.scale(loss).backward()
+            runs = pairs_by_length(examples)  # two runs of similar length: far less padding, the same mean loss
+            for k, (pairs, share) in enumerate(runs):
+                idx, _, lengths = preference_batch(pairs, device)
+                if ddp:
+                    model.require_backward_grad_sync = (micro_step == accum_steps - 1 and k == len(runs) - 1)
+                with ctx:
+                    rc, rr = model(idx, lengths).view(2, -1)  # chosen rows first, then rejected
+                    loss = reward_loss(rc, rr, center_coef) * share / accum_steps
+                loss_sum += loss.detach()
+                acc_sum += (rc > rr).float().mean().detach() * share / accum_steps
+                scaler.scale(loss).backward()
         optimizer_step(optimizer, scaler, [p for p in raw_model.parameters() if p.requires_grad], grad_clip)
         iter_num += 1
         if iter_num % log_interval == 0 or iter_num == max_iters:

@@ -315,6 +315,16 @@ def preference_example(pref, tokenizer, block_size):
     return ex
 
 
+def pairs_by_length(examples, runs=2):
+    """The pairs of a batch in `runs` runs of similar length (sorted by their longer sequence), each with its
+    share of the pairs: [(pairs, share)]. preference_batch pads a run only to its own longest row (a batch of
+    replies to prompts of 7-21 tokens padded to its longest row is ~45% padding); a mean over the batch's pairs
+    is the runs' means weighted by their shares."""
+    pairs = sorted(examples, key=lambda e: max(len(e['chosen']), len(e['rejected'])))
+    size = -(-len(pairs) // runs)
+    return [(pairs[s:s + size], len(pairs[s:s + size]) / len(pairs)) for s in range(0, len(pairs), size)]
+
+
 def preference_batch(examples, device='cpu'):
     """(idx, mask, lengths) for a list of preference_example()s: 2B right-padded rows, the B chosen
     sequences first and then the B rejected ones; mask is True on reply tokens; lengths count real tokens."""

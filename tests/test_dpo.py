@@ -270,3 +270,52 @@ def test_dpo_bad_input_fails_with_one_line_before_work(toy_setup, args, message)
     assert not (d / 'never').exists()
 
 
+
+
+# -----------------------------------------------------------------------------
+# a batch in runs of similar length (tasks.pairs_by_length), as dpo.py and reward.py train
+
+def random_pairs(n, seed):
+    """Pairs of token sequences of different lengths (a shared prompt, two replies), as preference_example makes."""
+    g = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        prompt = [g.randrange(250) for _ in range(g.randint(2, 14))]
+        ex = {}
+        for k in ('chosen', 'rejected'):
+            reply = [g.randrange(250) for _ in range(g.randint(1, 9))]
+            ex[k], ex[k + '_mask'] = prompt + reply, [False] * len(prompt) + [True] * len(reply)
+        pairs.append(ex)
+    return pairs
+
+
+def test_pairs_by_length_keeps_every_pair_and_weighs_runs_by_their_share():
+    pairs = random_pairs(11, 0)
+    runs = T.pairs_by_length(pairs, runs=3)
+    assert [len(r) for r, _ in runs] == [4, 4, 3] and sum(s for _, s in runs) == pytest.approx(1)
+    assert [s for _, s in runs] == [4 / 11, 4 / 11, 3 / 11]
+    flat = [p for r, _ in runs for p in r]
+    assert sorted(map(id, flat)) == sorted(map(id, pairs))  # every pair once
+    longest = [max(len(p['chosen']), len(p['rejected'])) for p in flat]
+    assert longest == sorted(longest)
+
+
+def test_dpo_loss_in_runs_by_length_has_the_whole_batchs_gradient():
+    """The reference: DPO's mean loss over the whole padded batch at once. dpo.py's step, the runs' mean losses
+    weighted by their shares, must give the same loss and gradient."""
+    policy = tiny_gpt(seed=5)
+    ref = tiny_gpt(seed=6).eval()
+    pairs = random_pairs(9, 1)
+    params = list(policy.parameters())
+
+    def mean_loss(batch):
+        idx, mask, _ = T.preference_batch(batch)
+        ref_c, ref_r = reference_reply_logprobs(policy, ref, idx, mask).view(2, -1)
+        pol_c, pol_r = M.response_logprobs(policy, idx, mask).view(2, -1)
+        return dpo_loss(pol_c, pol_r, ref_c, ref_r, 0.1)[0].mean()
+    whole = mean_loss(pairs)
+    whole_grad = torch.autograd.grad(whole, params)
+    in_runs = sum(mean_loss(run) * share for run, share in T.pairs_by_length(pairs))
+    assert torch.allclose(in_runs, whole, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(in_runs, params), whole_grad):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)

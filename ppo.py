@@ -14,7 +14,8 @@ RLHF with PPO (Schulman et al. 2017) and a KL penalty, as in Ziegler et al. 2019
      score relative to the other replies to its prompt (RLOO, GRPO; group_train trains only the groups whose
      replies differ, or one pair of each); docs/experiments.md has which won;
   4. PPO: several epochs of minibatches over the rollouts, each step the clipped surrogate objective for the
-     policy and a clipped regression for the value model, with gradient clipping.
+     policy and a clipped regression for the value model, with gradient clipping. Every pass over the replies
+     runs their rows in runs of similar length (rl.by_length): padded to the longest, a batch is ~45% padding.
 
 beta is fixed (kl_target = 0) or steered by Ziegler et al.'s adaptive controller towards kl_target nats per
 reply. With LoRA the reference is the policy with its adapters switched off (model.lora_disabled, no second

@@ -227,7 +227,7 @@ if __name__ == '__main__':
         fail("the adaptive controller multiplies beta: with kl_target > 0 start from kl_coef > 0")
     if batch_size % minibatch_size:
         fail(f"minibatch_size must divide batch_size; got {minibatch_size} and {batch_size}")
-    unit = {'all': 1, 'spread': group_size, 'pair': 2}.get(group_train, 1)  # rows that stay in one minibatch
+    unit = {'all': 1, 'spread': group_size, 'pair': 2}[group_train]  # rows that stay in one minibatch
     if group_train != 'all' and (group_size < 2 or critic or token_credit != 'reply' or minibatch_size % unit):
         fail(f"group_train='{group_train}' needs groups (group_size > 1), no critic, token_credit='reply' and a "
              f"minibatch_size that is a multiple of {unit}")

@@ -15,7 +15,8 @@ RLHF with PPO (Schulman et al. 2017) and a KL penalty, as in Ziegler et al. 2019
      replies differ, or one pair of each); docs/experiments.md has which won;
   4. PPO: several epochs of minibatches over the rollouts, each step the clipped surrogate objective for the
      policy and a clipped regression for the value model, with gradient clipping. Every pass over the replies
-     runs their rows in runs of similar length (rl.by_length): padded to the longest, a batch is ~45% padding.
+     runs their rows in runs of similar length (rl.by_length): padded to the longest, a batch is ~45% padding;
+     the replies to one prompt (group_size > 1) run as one sequence, the prompt once (rl.pack_by_prompt).
 
 beta is fixed (kl_target = 0) or steered by Ziegler et al.'s adaptive controller towards kl_target nats per
 reply. With LoRA the reference is the policy with its adapters switched off (model.lora_disabled, no second
@@ -60,9 +61,10 @@ from model import (GPT, CheckpointError, GPTConfig, clean_state_dict, start_poin
 from tasks import (chat_ids, check_answer, eval_tasks_from, gold_accuracy, load_chat_model, read_tasks,
                    render_prompt)
 from reward import RewardModel, load_reward_model, score_ids
-from rl import (KLController, advantage_stats, by_length, explained_variance, gae, group_advantages,
-                logprobs_and_entropy, masked_mean, masked_whiten, place_on_mask, policy_loss, prefix_advantages,
-                reference_logprobs, rollout, sample_pairs, token_rewards, value_loss, weigh_down_pushes)
+from rl import (KLController, advantage_stats, by_length, by_prompt, explained_variance, gae, group_advantages,
+                logprobs_and_entropy, masked_mean, masked_whiten, pack_by_prompt, packed_logprobs_and_entropy,
+                place_on_mask, policy_loss, prefix_advantages, reference_logprobs, rollout, sample_pairs,
+                token_rewards, value_loss, weigh_down_pushes)
 
 # -----------------------------------------------------------------------------
 # The defaults are the recipe's run with the learned reward (config/ppo_tasks.py spells them out).
@@ -154,7 +156,9 @@ class PolicyLogprobs(nn.Module):
         super().__init__()
         self.gpt, self.vocab_limit, self.temperature = gpt, vocab_limit, temperature
 
-    def forward(self, idx):
+    def forward(self, idx=None, packed=None):
+        if packed is not None:  # rows that share prompts, packed by rl.pack_by_prompt
+            return packed_logprobs_and_entropy(self.gpt, packed, self.vocab_limit, self.temperature)
         return logprobs_and_entropy(self.gpt, idx, self.vocab_limit, self.temperature)
 
 
@@ -486,9 +490,10 @@ if __name__ == '__main__':
         # every token), values, GAE (no gradient: these are the targets)
         with torch.no_grad(), ctx:
             old_logprobs = ro['logprobs']
-            ref_logprobs = reference_logprobs(policy, ref_model, idx, vocab_limit, temperature, ro['lengths'])
+            ref_logprobs = reference_logprobs(policy, ref_model, idx, vocab_limit, temperature, ro['lengths'],
+                                              ro['prompt_lengths'] if ro['shared_prompts'] else None)
         kl_per_reply = ((old_logprobs - ref_logprobs) * mask).sum(1)  # a sample of KL(pi || ref) per reply
-        lengths = ro['lengths']
+        lengths, prompt_lengths = ro['lengths'], ro['prompt_lengths']
         if group_train != 'all':  # from here on only the groups that differ, or one pair of each (rl.sample_pairs)
             if group_train == 'pair':
                 rows, scores = sample_pairs(scores, group_size,
@@ -500,6 +505,7 @@ if __name__ == '__main__':
                 scores = scores[rows]
             idx, mask, old_logprobs, ref_logprobs = idx[rows], mask[rows], old_logprobs[rows], ref_logprobs[rows]
             lengths = [lengths[i] for i in rows.tolist()]
+            prompt_lengths = [prompt_lengths[i] for i in rows.tolist()]
         with torch.no_grad(), ctx:
             # no critic: V = 0 and lambda = 1, so that GAE's advantage is the (discounted) reward-to-go
             old_values = value_model(idx[:, :-1]).float() if critic else torch.zeros_like(old_logprobs)
@@ -520,6 +526,7 @@ if __name__ == '__main__':
         train_policy = iter_num >= value_warmup  # else the critic alone learns from these rollouts
         order_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         n_train = len(lengths)
+        packed = ro['shared_prompts'] and not critic  # replies that share a prompt: the prompt runs once per run
         for epoch in range(ppo_epochs):
             order = (torch.randperm(n_train // unit, generator=order_gen)[:, None] * unit + torch.arange(unit))
             order = order.view(-1).tolist()
@@ -527,8 +534,10 @@ if __name__ == '__main__':
                 mb = order[start:start + minibatch_size]
                 # in two runs of rows of similar length, each trimmed to its longest row (rl.by_length: a minibatch
                 # of replies padded to its longest row is ~45% padding; two runs were faster than 1, 4 or 8), each
-                # run's losses weighted by its share of the minibatch's reply tokens: the whole minibatch's gradient
-                runs = by_length(mb, lengths, (len(mb) + 1) // 2)
+                # run's losses weighted by its share of the minibatch's reply tokens: the whole minibatch's gradient.
+                # With groups, a run's replies to one prompt as one sequence (rl.pack_by_prompt)
+                runs = (by_prompt(mb, lengths, prompt_lengths, idx, (len(mb) + 1) // 2) if packed
+                        else by_length(mb, lengths, (len(mb) + 1) // 2))
                 n_tokens = mask[mb].sum()
                 mb_stats = 0
                 for k, (rows, T) in enumerate(runs):
@@ -536,7 +545,8 @@ if __name__ == '__main__':
                     share = run_mask.sum() / n_tokens
                     with ctx:
                         with torch.set_grad_enabled(train_policy):  # no graph to wait for a backward (DDP would)
-                            logprobs, entropy = policy_ddp(run_idx)
+                            logprobs, entropy = (policy_ddp(packed=pack_by_prompt(idx, rows, lengths, prompt_lengths))
+                                                 if packed else policy_ddp(run_idx))
                         pg_loss, clip_frac, approx_kl = policy_loss(logprobs.float(), old_logprobs[rows, :T - 1],
                                                                     advantages[rows, :T - 1], run_mask, clip_range)
                         ent = masked_mean(entropy.float(), run_mask)

@@ -257,28 +257,111 @@ def by_length(rows, lengths, size):
     return [(run, max(lengths[i] for i in run)) for run in runs]
 
 
-def logprobs_by_length(model, idx, lengths, vocab_limit=None, temperature=1.0, size=64):
+def rows_by_prompt(idx, rows, prompt_lengths):
+    """{prompt tokens: the rows that begin with them}, in the order first seen."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(idx[r, :prompt_lengths[r]].tolist()), []).append(r)
+    return groups
+
+
+def by_prompt(rows, lengths, prompt_lengths, idx, size):
+    """rows in runs of about `size` rows, a prompt's rows never split, runs of similar packed length (shortest
+    first): [(rows, T)] as by_length gives, for pack_by_prompt."""
+    groups = rows_by_prompt(idx, rows, prompt_lengths)
+    packed_length = lambda g: prompt_lengths[g[0]] + sum(lengths[r] - prompt_lengths[r] - 1 for r in g)
+    runs, run = [], []
+    for g in sorted(groups.values(), key=packed_length):
+        run += g
+        if len(run) >= size:
+            runs.append(run)
+            run = []
+    runs += [run] if run else []
+    return [(run, max(lengths[r] for r in run)) for run in runs]
+
+
+def pack_by_prompt(idx, rows, lengths, prompt_lengths):
+    """The rows of a right-padded batch (row i: prompt_lengths[i] prompt tokens, then its reply, lengths[i] in
+    all) as one sequence per distinct prompt: the prompt once, then each of its replies in turn (all but the last
+    token, which only is predicted), each reply at the positions it has after the prompt alone, and an attention
+    mask that lets a reply's tokens see the prompt and their own reply's earlier tokens only. The k replies
+    sampled to one prompt then cost one prompt, not k (Prefix Grouper, Liu et al. 2025); every logit is the one
+    the row alone gives. Returns (idx, pos, attn_mask) to run, each (n, L) or (n, 1, L, L), and (src, target),
+    (len(rows), T-1) each with T the rows' longest length: the flat (n * L) position whose logits predict row
+    rows[k]'s token t + 1, and that token."""
+    groups = rows_by_prompt(idx, rows, prompt_lengths)
+    seqs, where = [], {}  # where[r]: (packed sequence, offset of the reply's first token minus the prompt length)
+    for g, (prompt, members) in enumerate(groups.items()):
+        toks, pos, owner = list(prompt), list(range(len(prompt))), [-1] * len(prompt)  # -1: the prompt
+        for r in members:
+            reply = idx[r, len(prompt):lengths[r] - 1].tolist()  # the reply's tokens that are also context
+            where[r] = (g, len(toks) - len(prompt))
+            toks += reply
+            pos += range(len(prompt), len(prompt) + len(reply))
+            owner += [r] * len(reply)
+        seqs.append((toks, pos, owner))
+    L, device = max(len(s[0]) for s in seqs), idx.device
+    p_idx = pad_batch([s[0] for s in seqs], 0, device)
+    p_pos = pad_batch([s[1] for s in seqs], 0, device)
+    owner = pad_batch([s[2] for s in seqs], -2, device)  # -2: padding, which sees the prompt and itself only
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    attn_mask = causal & ((owner[:, None, :] == -1) | (owner[:, None, :] == owner[:, :, None]))
+    T = max(lengths[r] for r in rows)
+    src = []
+    for r in rows:
+        g, shift = where[r]
+        n_prompt = prompt_lengths[r]
+        at = list(range(n_prompt)) + list(range(n_prompt + shift, lengths[r] - 1 + shift))  # position t -> packed
+        src.append([g * L + a for a in at] + [g * L] * (T - lengths[r]))  # past the row's end: anything
+    src = torch.tensor(src, dtype=torch.long, device=device)
+    return (p_idx, p_pos, attn_mask.unsqueeze(1)), (src, idx[rows, 1:T])
+
+
+def packed_logprobs_and_entropy(model, packed, vocab_limit=None, temperature=1.0):
+    """logprobs_and_entropy of the rows pack_by_prompt packed, in their own (rows, T-1) frame (past a row's end:
+    whatever the padding gives; mask it)."""
+    (p_idx, pos, attn_mask), (src, target) = packed
+    logits = model.lm_head(model.hidden_states(p_idx, pos, attn_mask=attn_mask)).float() / temperature
+    if vocab_limit is not None:
+        logits = logits[..., :vocab_limit]
+    logp_all = F.log_softmax(logits, dim=-1).flatten(0, 1)
+    entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+    return logp_all[src, target], entropy[src]
+
+
+def logprobs_by_length(model, idx, lengths, vocab_limit=None, temperature=1.0, size=64, prompt_lengths=None):
     """logprobs_and_entropy of a right-padded batch (row i: lengths[i] real tokens), in runs of rows of similar
     length (by_length), each trimmed to its longest row: the same (B, T-1) tensors, 0 past a row's end, at
-    about half the cost on a batch of replies (another shape may sum in another order: the last bits can differ)."""
+    about half the cost on a batch of replies (another shape may sum in another order: the last bits can differ).
+    With prompt_lengths (row i's first prompt_lengths[i] tokens are its prompt), the rows that share a prompt
+    run as one sequence (pack_by_prompt): a group of k replies to one prompt costs its prompt once."""
     logprobs = torch.zeros(idx.shape[0], idx.shape[1] - 1, device=idx.device)
     entropy = torch.zeros_like(logprobs)
-    for rows, T in by_length(range(idx.shape[0]), lengths, size):
-        lp, ent = logprobs_and_entropy(model, idx[rows, :T], vocab_limit, temperature)
+    if prompt_lengths is None:
+        runs = by_length(range(idx.shape[0]), lengths, size)
+    else:
+        runs = by_prompt(range(idx.shape[0]), lengths, prompt_lengths, idx, size)
+    for rows, T in runs:
+        if prompt_lengths is None:
+            lp, ent = logprobs_and_entropy(model, idx[rows, :T], vocab_limit, temperature)
+        else:
+            lp, ent = packed_logprobs_and_entropy(model, pack_by_prompt(idx, rows, lengths, prompt_lengths),
+                                                  vocab_limit, temperature)
         logprobs[rows, :T - 1], entropy[rows, :T - 1] = lp.float(), ent.float()
     real = torch.arange(idx.shape[1] - 1, device=idx.device) < torch.tensor(lengths, device=idx.device)[:, None] - 1
     return logprobs * real, entropy * real
 
 
 @torch.no_grad()
-def reference_logprobs(policy, ref_model, idx, vocab_limit=None, temperature=1.0, lengths=None):
+def reference_logprobs(policy, ref_model, idx, vocab_limit=None, temperature=1.0, lengths=None,
+                       prompt_lengths=None):
     """Log-probs under the frozen supervised model (at the same temperature as the policy): ref_model if there
     is one (full training), else the policy with its LoRA adapters switched off. With each row's length, in
-    runs of similar length (logprobs_by_length)."""
+    runs of similar length (logprobs_by_length), and with its prompt's length too, a shared prompt run once."""
     def logprobs(model):
         if lengths is None:
             return logprobs_and_entropy(model, idx, vocab_limit, temperature)[0]
-        return logprobs_by_length(model, idx, lengths, vocab_limit, temperature)[0]
+        return logprobs_by_length(model, idx, lengths, vocab_limit, temperature, prompt_lengths=prompt_lengths)[0]
     if ref_model is not None:
         return logprobs(ref_model)
     with lora_disabled(policy):
@@ -292,7 +375,9 @@ def rollout(policy, prompts, max_new_tokens, end_token, generator=None, vocab_li
       idx (B, T): prompt + reply (+ end_token if it stopped), right-padded with 0
       mask (B, T-1): True at t where idx[:, t+1] is a reply token: the actions
       logprobs, entropy (B, T-1): of the policy that sampled them (a forward pass over idx: logprobs_by_length)
-      replies: the reply tokens without end_token; ended: whether each reply stopped by itself."""
+      replies: the reply tokens without end_token; ended: whether each reply stopped by itself;
+      lengths, prompt_lengths: each row's tokens, and its prompt's. Where a prompt appears more than once (k replies
+      to each), the log-probs pass runs each prompt once (pack_by_prompt)."""
     was_training = policy.training
     policy.eval()
     device = policy.lm_head.weight.device
@@ -307,11 +392,13 @@ def rollout(policy, prompts, max_new_tokens, end_token, generator=None, vocab_li
         ended.append(stopped)
     idx = pad_batch(seqs, 0, device)
     mask = pad_batch(masks, 0, device).bool()
-    lengths = [len(s) for s in seqs]
-    logprobs, entropy = logprobs_by_length(policy, idx, lengths, vocab_limit, temperature)
+    lengths, prompt_lengths = [len(s) for s in seqs], [len(p) for p in prompts]
+    shared = len(set(map(tuple, prompts))) < len(prompts)
+    logprobs, entropy = logprobs_by_length(policy, idx, lengths, vocab_limit, temperature,
+                                           prompt_lengths=prompt_lengths if shared else None)
     policy.train(was_training)
     return dict(idx=idx, mask=mask, logprobs=logprobs, entropy=entropy, replies=replies, ended=ended,
-                lengths=lengths)
+                lengths=lengths, prompt_lengths=prompt_lengths, shared_prompts=shared)
 
 
 @torch.no_grad()

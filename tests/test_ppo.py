@@ -17,10 +17,11 @@ import tokenizer as TK
 from conftest import error_line, read_metrics, run
 from plots import compare_runs
 from ppo import ValueModel
-from rl import (KLController, advantage_stats, by_length, explained_variance, gae, gradient_noise, group_advantages,
-                kl_penalty, leave_one_out, logprobs_and_entropy, logprobs_by_length, masked_mean, masked_whiten,
-                place_on_mask, policy_loss, prefix_advantages, reference_logprobs, rollout, sample_pairs,
-                token_rewards, value_loss, weigh_down_pushes)
+from rl import (KLController, advantage_stats, by_length, by_prompt, explained_variance, gae, gradient_noise,
+                group_advantages, kl_penalty, leave_one_out, logprobs_and_entropy, logprobs_by_length, masked_mean,
+                masked_whiten, pack_by_prompt, packed_logprobs_and_entropy, place_on_mask, policy_loss,
+                prefix_advantages, reference_logprobs, rollout, sample_pairs, token_rewards, value_loss,
+                weigh_down_pushes)
 from test_dpo import tiny_gpt, write_jsonl
 
 
@@ -291,6 +292,114 @@ def test_minibatch_in_runs_weighted_by_tokens_has_the_whole_minibatchs_gradient(
     assert torch.allclose(total, loss, atol=1e-6)
     for a, b in zip(in_runs, whole):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def grouped_batch(g, n_prompts=4, group=3, vocab=250):
+    """Rows of a group run: each of n_prompts prompts (2-11 tokens) `group` times, each row with its own reply of
+    1-7 tokens (a reply of one token is only a target), right-padded; the rows of one prompt are not adjacent."""
+    prompts = [torch.randint(0, vocab, (int(n),), generator=g).tolist()
+               for n in torch.randint(2, 12, (n_prompts,), generator=g)]
+    seqs = [p + torch.randint(0, vocab, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(group) for p in prompts]
+    prompt_lengths = [len(p) for _ in range(group) for p in prompts]
+    return M.pad_batch(seqs), [len(s) for s in seqs], prompt_lengths
+
+
+@pytest.mark.parametrize('pos_emb', ['learned', 'rope'])
+def test_packed_prompts_give_each_row_its_own_logprobs(pos_emb):
+    """pack_by_prompt runs a prompt once and its replies after it, each seeing the prompt and itself only.
+    Reference: logprobs_and_entropy over the whole right-padded batch, every row with its own copy of the prompt."""
+    policy = tiny_gpt(seed=4, pos_emb=pos_emb).eval()
+    g = torch.Generator().manual_seed(3)
+    idx, lengths, prompt_lengths = grouped_batch(g)
+    with torch.no_grad():
+        whole_lp, whole_ent = logprobs_and_entropy(policy, idx, temperature=0.7)
+        rows = [5, 0, 11, 3, 8, 2, 9]  # a minibatch: some of each prompt's rows, in any order
+        (p_idx, _, _), _ = packed = pack_by_prompt(idx, rows, lengths, prompt_lengths)
+        lp, ent = packed_logprobs_and_entropy(policy, packed, temperature=0.7)
+        by_prompt_lp, by_prompt_ent = logprobs_by_length(policy, idx, lengths, temperature=0.7, size=5,
+                                                         prompt_lengths=prompt_lengths)
+    assert p_idx.size(0) == len({tuple(idx[r, :prompt_lengths[r]].tolist()) for r in rows})  # a sequence a prompt
+    assert p_idx.numel() < sum(lengths[r] for r in rows)  # fewer tokens than the rows: the prompts run once
+    T = max(lengths[r] for r in rows)
+    real = real_positions([lengths[r] for r in rows], T)
+    assert torch.allclose(lp[real], whole_lp[rows, :T - 1][real], atol=1e-5)
+    assert torch.allclose(ent[real], whole_ent[rows, :T - 1][real], atol=1e-5)
+    real = real_positions(lengths, idx.size(1))
+    assert torch.allclose(by_prompt_lp[real], whole_lp[real], atol=1e-5)
+    assert torch.allclose(by_prompt_ent[real], whole_ent[real], atol=1e-5)
+    assert by_prompt_lp[~real].abs().sum() == 0
+
+
+def test_by_prompt_keeps_a_prompts_rows_together_and_loses_none():
+    g = torch.Generator().manual_seed(5)
+    idx, lengths, prompt_lengths = grouped_batch(g, n_prompts=6, group=4)
+    rows = list(range(0, 24, 2)) + [1, 7]
+    runs = by_prompt(rows, lengths, prompt_lengths, idx, 5)
+    assert sorted(r for run, _ in runs for r in run) == sorted(rows)  # every row once
+    prompt = lambda r: tuple(idx[r, :prompt_lengths[r]].tolist())
+    for run, T in runs:
+        assert T == max(lengths[r] for r in run)
+        others = {prompt(r) for other, _ in runs if other is not run for r in other}
+        assert not {prompt(r) for r in run} & others  # a prompt's rows all in one run
+    assert all(len(run) >= 5 for run, _ in runs[:-1])
+
+
+def test_packed_minibatch_has_the_whole_minibatchs_gradient():
+    """ppo.py's training step on shared prompts: the clipped loss over packed runs (by_prompt, pack_by_prompt),
+    each weighted by its share of the reply tokens, against the loss over the whole padded minibatch."""
+    policy = tiny_gpt(seed=6, pos_emb='rope')
+    M.apply_lora(policy, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for layer in M.lora_layers(policy):
+            layer.lora_B.normal_(0, 0.1)
+    policy.eval()
+    g = torch.Generator().manual_seed(2)
+    idx, lengths, prompt_lengths = grouped_batch(g, n_prompts=4, group=4)
+    mask = torch.zeros(len(lengths), idx.size(1) - 1)
+    for i, (p, n) in enumerate(zip(prompt_lengths, lengths)):
+        mask[i, p - 1:n - 1] = 1
+    with torch.no_grad():
+        old = logprobs_and_entropy(policy, idx)[0] + 0.1 * torch.randn(mask.shape, generator=g)  # ratios off 1
+    advantages = torch.randn(mask.shape, generator=g)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    mb = [7, 2, 9, 0, 4, 5, 1, 13, 15, 11]
+
+    T = max(lengths[i] for i in mb)
+    loss, _, _ = policy_loss(logprobs_and_entropy(policy, idx[mb, :T])[0], old[mb, :T - 1], advantages[mb, :T - 1],
+                             mask[mb, :T - 1], 0.2)
+    whole = torch.autograd.grad(loss, params)
+
+    total = 0
+    for rows, T in by_prompt(mb, lengths, prompt_lengths, idx, 5):
+        run_mask = mask[rows, :T - 1]
+        logprobs, _ = packed_logprobs_and_entropy(policy, pack_by_prompt(idx, rows, lengths, prompt_lengths))
+        run_loss, _, _ = policy_loss(logprobs, old[rows, :T - 1], advantages[rows, :T - 1], run_mask, 0.2)
+        total = total + run_loss * run_mask.sum() / mask[mb].sum()
+    packed = torch.autograd.grad(total, params)
+    assert torch.allclose(total, loss, atol=1e-6)
+    for a, b in zip(packed, whole):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_rollout_of_groups_runs_each_prompt_once_and_gets_each_rows_logprobs(tokenizer):
+    policy = tiny_gpt(seed=3)
+    M.apply_lora(policy, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for layer in M.lora_layers(policy):
+            layer.lora_B.normal_(0, 0.2)
+    end = T.chat_ids(tokenizer)[2]
+    prompts = [T.render_prompt([{'role': 'user', 'content': t}], tokenizer) for t in ('Hi', 'Reverse: a b c')] * 4
+    ro = rollout(policy, prompts, 8, end, torch.Generator().manual_seed(5))
+    assert ro['shared_prompts'] and ro['prompt_lengths'] == [len(p) for p in prompts]
+    ref = reference_logprobs(policy, None, ro['idx'], lengths=ro['lengths'], prompt_lengths=ro['prompt_lengths'])
+    base = tiny_gpt(seed=3).eval()
+    for i, n in enumerate(ro['lengths']):
+        alone = ro['idx'][i:i + 1, :n]
+        with torch.no_grad():
+            assert torch.allclose(ro['logprobs'][i, :n - 1], M.token_logprobs(policy, alone)[0], atol=1e-5)
+            assert torch.allclose(ref[i, :n - 1], M.token_logprobs(base, alone)[0], atol=1e-5)
+        assert ro['logprobs'][i, n - 1:].abs().sum() == 0 and ref[i, n - 1:].abs().sum() == 0
 
 
 def test_rollout_with_vocab_limit_samples_and_scores_the_limited_distribution():

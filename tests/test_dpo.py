@@ -12,7 +12,7 @@ import torch
 import model as M
 import tasks as T
 from conftest import error_line, read_metrics, run
-from dpo import dpo_loss, reference_reply_logprobs
+from dpo import dpo_loss, pair_logprobs, reference_reply_logprobs
 from model import GPT, GPTConfig
 
 
@@ -141,6 +141,8 @@ def test_response_logprobs_sum_reply_tokens_only(tokenizer, monkeypatch):
                     total += torch.log_softmax(logits[0, -1].double(), -1)[s[t]].item()
             assert batched[row].item() == pytest.approx(total, abs=1e-4)
             assert lengths[row].item() == len(s)
+        # dpo.py's pair_logprobs: a pair's prompt runs once, both replies after it; the same sums
+        assert torch.allclose(pair_logprobs(model, idx, mask, lengths), batched, atol=1e-5)
         # changing the log-probabilities of prompt and padding positions changes nothing
         real = M.token_logprobs
         monkeypatch.setattr(M, 'token_logprobs', lambda mdl, x: real(mdl, x) + 100.0 * (~mask[:, 1:]).float())
@@ -154,9 +156,9 @@ def test_response_logprobs_sum_reply_tokens_only(tokenizer, monkeypatch):
 
 def step0(policy, ref_model, tokenizer, beta=0.1):
     examples = [T.preference_example(T.check_preference(p), tokenizer, 64) for p in PAIRS]
-    idx, mask, _ = T.preference_batch(examples)
-    ref_c, ref_r = reference_reply_logprobs(policy, ref_model, idx, mask).view(2, -1)
-    pol_c, pol_r = M.response_logprobs(policy, idx, mask).view(2, -1)
+    idx, mask, lengths = T.preference_batch(examples)
+    ref_c, ref_r = reference_reply_logprobs(policy, ref_model, idx, mask, lengths).view(2, -1)
+    pol_c, pol_r = pair_logprobs(policy, idx, mask, lengths).view(2, -1)
     losses, rc, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta)
     losses.mean().backward()
     return losses, rc, rr, ref_c
@@ -301,21 +303,27 @@ def test_pairs_by_length_keeps_every_pair_and_weighs_runs_by_their_share():
 
 
 def test_dpo_loss_in_runs_by_length_has_the_whole_batchs_gradient():
-    """The reference: DPO's mean loss over the whole padded batch at once. dpo.py's step, the runs' mean losses
-    weighted by their shares, must give the same loss and gradient."""
+    """The reference: DPO's mean loss over the whole padded batch at once, every row with its own copy of the
+    prompt. dpo.py's step, the runs' mean losses weighted by their shares, each pair's two replies packed after
+    one copy of their prompt (pair_logprobs), must give the same loss and gradient."""
     policy = tiny_gpt(seed=5)
     ref = tiny_gpt(seed=6).eval()
     pairs = random_pairs(9, 1)
     params = list(policy.parameters())
 
-    def mean_loss(batch):
-        idx, mask, _ = T.preference_batch(batch)
-        ref_c, ref_r = reference_reply_logprobs(policy, ref, idx, mask).view(2, -1)
-        pol_c, pol_r = M.response_logprobs(policy, idx, mask).view(2, -1)
+    def mean_loss(batch, packed):
+        idx, mask, lengths = T.preference_batch(batch)
+        if packed:
+            ref_c, ref_r = reference_reply_logprobs(policy, ref, idx, mask, lengths).view(2, -1)
+            pol_c, pol_r = pair_logprobs(policy, idx, mask, lengths).view(2, -1)
+        else:
+            with torch.no_grad():
+                ref_c, ref_r = M.response_logprobs(ref, idx, mask).view(2, -1)
+            pol_c, pol_r = M.response_logprobs(policy, idx, mask).view(2, -1)
         return dpo_loss(pol_c, pol_r, ref_c, ref_r, 0.1)[0].mean()
-    whole = mean_loss(pairs)
+    whole = mean_loss(pairs, packed=False)
     whole_grad = torch.autograd.grad(whole, params)
-    in_runs = sum(mean_loss(run) * share for run, share in T.pairs_by_length(pairs))
+    in_runs = sum(mean_loss(run, packed=True) * share for run, share in T.pairs_by_length(pairs))
     assert torch.allclose(in_runs, whole, atol=1e-6)
     for a, b in zip(torch.autograd.grad(in_runs, params), whole_grad):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)

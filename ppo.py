@@ -328,7 +328,8 @@ if __name__ == '__main__':
             seqs = [ro['idx'][i, :n].tolist() for i, n in enumerate(ro['lengths'])]
             seqs = [s if ended else s + [end_token] for s, ended in zip(seqs, ro['ended'])]  # as reward.py scores
             with ctx:
-                rm_scores = (score_ids(rm, seqs) - rm_mean) / rm_std
+                rm_scores = (score_ids(rm, seqs, prompt_lengths=ro['prompt_lengths'] if ro['shared_prompts'] else None)
+                             - rm_mean) / rm_std
         return texts, gold, rm_scores
 
     # prompts: train records for rollouts; held-out task prompts (val during training, test at the ends)

@@ -31,6 +31,7 @@ from common import (get_lr, metrics_logger, optimizer_step, progress, seed_every
                     steps_per_process)
 from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict, load_checkpoint, start_point,
                    merge_lora, pad_batch, parse_lora_targets, save_checkpoint)
+from rl import by_length, by_prompt, pack_by_prompt
 from tasks import (SKILLS, chat_ids, check_answer, encode_preferences, load_chat_model, pairs_by_length,
                    preference_batch, preference_splits, read_tasks, render_prompt, sample_replies)
 
@@ -94,10 +95,17 @@ class RewardModel(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, idx, lengths):
-        """idx (B, T) right-padded, lengths (B,) real tokens per row -> rewards (B,)."""
-        h = self.gpt.hidden_states(idx)
-        last = h[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # padding never reaches it (causal)
+    def forward(self, idx, lengths, prompt_lengths=None):
+        """idx (B, T) right-padded, lengths (B,) real tokens per row -> rewards (B,). With prompt_lengths (a list:
+        row i's first prompt_lengths[i] tokens are its prompt), the rows that share a prompt run as one sequence,
+        the prompt once (rl.pack_by_prompt): the same rewards for fewer tokens."""
+        if prompt_lengths is None:
+            h = self.gpt.hidden_states(idx)
+            last = h[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # padding never reaches it (causal)
+        else:
+            (p_idx, pos, attn_mask), (_, _, at) = pack_by_prompt(idx, range(idx.size(0)), lengths.tolist(),
+                                                                 prompt_lengths, whole_replies=True)
+            last = self.gpt.hidden_states(p_idx, pos, attn_mask=attn_mask).flatten(0, 1)[at]
         return self.head(last).squeeze(-1).float()
 
     def configure_optimizers(self, *args):
@@ -142,19 +150,27 @@ def reply_ids(prompt, reply, tokenizer, block_size):
 
 
 @torch.no_grad()
-def score_ids(reward_model, seqs, batch_size=64):
+def score_ids(reward_model, seqs, batch_size=64, prompt_lengths=None):
     """Rewards (float tensor (N,)) of token sequences of any lengths up to block_size, in batches of sequences of
-    similar length, each padded to its longest (replies to prompts of 7-21 tokens: far less padding)."""
+    similar length, each padded to its longest (replies to prompts of 7-21 tokens: far less padding). With
+    prompt_lengths (sequence i begins with prompt_lengths[i] prompt tokens), the replies to one prompt run
+    after one copy of it (rl.pack_by_prompt), a batch about batch_size replies."""
     was_training = reward_model.training
     reward_model.eval()
     device = reward_model.head.weight.device
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = torch.zeros(len(seqs), device=device)
-    for i in range(0, len(seqs), batch_size):
-        rows = order[i:i + batch_size]
-        chunk = [seqs[j] for j in rows]
-        lengths = torch.tensor([len(s) for s in chunk], device=device)
-        out[rows] = reward_model(pad_batch(chunk, 0, device), lengths).float()
+    if not seqs:
+        return out
+    lengths = [len(s) for s in seqs]
+    if prompt_lengths is None:
+        runs = by_length(range(len(seqs)), lengths, batch_size)
+    else:
+        runs = by_prompt(range(len(seqs)), lengths, prompt_lengths, pad_batch(seqs, 0, device), batch_size)
+    for rows, _ in runs:
+        chunk = pad_batch([seqs[j] for j in rows], 0, device)
+        run_lengths = torch.tensor([lengths[j] for j in rows], device=device)
+        out[rows] = reward_model(chunk, run_lengths, None if prompt_lengths is None
+                                 else [prompt_lengths[j] for j in rows]).float()
     reward_model.train(was_training)
     return out
 
@@ -305,10 +321,10 @@ if __name__ == '__main__':
         name one; with rank=True also the ranking of sampled replies to held-out task prompts."""
         rewards = []
         for i in range(0, len(val_data_ex), 64):
-            idx, _, lengths = preference_batch(val_data_ex[i:i + 64], device)
+            idx, mask, lengths = preference_batch(val_data_ex[i:i + 64], device)
             reward_model.eval()
             with ctx:
-                r = reward_model(idx, lengths)
+                r = reward_model(idx, lengths, mask.float().argmax(1).tolist())
             rewards.append(r.view(2, -1))
         reward_model.train()
         rc, rr = torch.cat(rewards, dim=1)
@@ -386,11 +402,12 @@ if __name__ == '__main__':
             torch.manual_seed(int(rng.integers(2**62)))  # dropout masks: a function of (seed, iteration, micro-step)
             runs = pairs_by_length(examples)  # two runs of similar length: far less padding, the same mean loss
             for k, (pairs, share) in enumerate(runs):
-                idx, _, lengths = preference_batch(pairs, device)
+                idx, mask, lengths = preference_batch(pairs, device)
                 if ddp:
                     model.require_backward_grad_sync = (micro_step == accum_steps - 1 and k == len(runs) - 1)
                 with ctx:
-                    rc, rr = model(idx, lengths).view(2, -1)  # chosen rows first, then rejected
+                    # chosen rows first, then rejected; each pair's prompt runs once (rl.pack_by_prompt)
+                    rc, rr = model(idx, lengths, mask.float().argmax(1).tolist()).view(2, -1)
                     loss = reward_loss(rc, rr, center_coef) * share / accum_steps
                 loss_sum += loss.detach()
                 acc_sum += (rc > rr).float().mean().detach() * share / accum_steps

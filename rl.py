@@ -280,7 +280,7 @@ def by_prompt(rows, lengths, prompt_lengths, idx, size):
     return [(run, max(lengths[r] for r in run)) for run in runs]
 
 
-def pack_by_prompt(idx, rows, lengths, prompt_lengths):
+def pack_by_prompt(idx, rows, lengths, prompt_lengths, whole_replies=False):
     """The rows of a right-padded batch (row i: prompt_lengths[i] prompt tokens, then its reply, lengths[i] in
     all) as one sequence per distinct prompt: the prompt once, then each of its replies in turn (all but the last
     token, which only is predicted), each reply at the positions it has after the prompt alone, and an attention
@@ -288,13 +288,14 @@ def pack_by_prompt(idx, rows, lengths, prompt_lengths):
     sampled to one prompt then cost one prompt, not k (Prefix Grouper, Liu et al. 2025); every logit is the one
     the row alone gives. Returns (idx, pos, attn_mask) to run, each (n, L) or (n, 1, L, L), and (src, target),
     (len(rows), T-1) each with T the rows' longest length: the flat (n * L) position whose logits predict row
-    rows[k]'s token t + 1, and that token."""
+    rows[k]'s token t + 1, and that token. whole_replies=True packs each reply's last token too (a reward model
+    reads its hidden state there) and adds `last`, (len(rows),): the flat position of each row's last token."""
     groups = rows_by_prompt(idx, rows, prompt_lengths)
     seqs, where = [], {}  # where[r]: (packed sequence, offset of the reply's first token minus the prompt length)
     for g, (prompt, members) in enumerate(groups.items()):
         toks, pos, owner = list(prompt), list(range(len(prompt))), [-1] * len(prompt)  # -1: the prompt
         for r in members:
-            reply = idx[r, len(prompt):lengths[r] - 1].tolist()  # the reply's tokens that are also context
+            reply = idx[r, len(prompt):lengths[r] - (not whole_replies)].tolist()  # the tokens seen as context
             where[r] = (g, len(toks) - len(prompt))
             toks += reply
             pos += range(len(prompt), len(prompt) + len(reply))
@@ -311,10 +312,15 @@ def pack_by_prompt(idx, rows, lengths, prompt_lengths):
     for r in rows:
         g, shift = where[r]
         n_prompt = prompt_lengths[r]
-        at = list(range(n_prompt)) + list(range(n_prompt + shift, lengths[r] - 1 + shift))  # position t -> packed
+        # position t -> its packed position: the prompt's own, then the reply's after the shift
+        at = list(range(min(n_prompt, lengths[r] - 1))) + list(range(n_prompt + shift, lengths[r] - 1 + shift))
         src.append([g * L + a for a in at] + [g * L] * (T - lengths[r]))  # past the row's end: anything
     src = torch.tensor(src, dtype=torch.long, device=device)
-    return (p_idx, p_pos, attn_mask.unsqueeze(1)), (src, idx[rows, 1:T])
+    packed = (p_idx, p_pos, attn_mask.unsqueeze(1)), (src, idx[rows, 1:T])
+    if not whole_replies:
+        return packed
+    last = [where[r][0] * L + lengths[r] - 1 + (where[r][1] if lengths[r] > prompt_lengths[r] else 0) for r in rows]
+    return packed[0], packed[1] + (torch.tensor(last, dtype=torch.long, device=device),)
 
 
 def packed_logprobs_and_entropy(model, packed, vocab_limit=None, temperature=1.0):

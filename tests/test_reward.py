@@ -40,6 +40,12 @@ def test_reward_is_read_at_each_rows_last_real_token():
         for i, s in enumerate(seqs):
             noisy[i, len(s):] = torch.randint(0, 260, (idx.size(1) - len(s),))
         assert torch.allclose(rm(noisy, lengths), batched, atol=1e-6)
+        # replies that share a prompt, packed after one copy of it (rl.pack_by_prompt): each its own reward
+        prompts = [[5, 6], [8, 9, 10, 11]]
+        grouped = [p + r for r in ([7], [20, 21], [22, 23, 24]) for p in prompts] + [[30]]
+        packed = score_ids(rm, grouped, batch_size=3, prompt_lengths=[2, 4] * 3 + [1])
+        alone = torch.stack([rm(torch.tensor([s]), torch.tensor([len(s)]))[0] for s in grouped])
+        assert torch.allclose(packed, alone, atol=1e-5)
 
 
 def test_reward_head_starts_at_zero_so_first_loss_is_log2():
@@ -57,20 +63,22 @@ def test_reward_loss_is_bradley_terry():
 
 
 def test_reward_loss_in_runs_by_length_has_the_whole_batchs_gradient():
-    """The reference: the Bradley-Terry loss (with reward centering) over the whole padded batch at once.
-    reward.py's step, the runs' losses weighted by their shares, must give the same loss and gradient."""
+    """The reference: the Bradley-Terry loss (with reward centering) over the whole padded batch at once, each
+    row with its own copy of the prompt. reward.py's step, the runs' losses weighted by their shares, each pair
+    packed after one copy of its prompt, must give the same loss and gradient."""
     rm = RewardModel(tiny_gpt(seed=3))
     torch.nn.init.normal_(rm.head.weight)
     pairs = random_pairs(9, 2)
     params = list(rm.parameters())
 
-    def loss(batch):
-        idx, _, lengths = T.preference_batch(batch)
-        rc, rr = rm(idx, lengths).view(2, -1)
+    def loss(batch, packed):
+        idx, mask, lengths = T.preference_batch(batch)
+        rc, rr = rm(idx, lengths, mask.float().argmax(1).tolist() if packed else None).view(2, -1)
         return reward_loss(rc, rr, center_coef=0.01)
-    whole = loss(pairs)
+    whole = loss(pairs, packed=False)
     whole_grad = torch.autograd.grad(whole, params)
-    in_runs = sum(loss(run) * share for run, share in T.pairs_by_length(pairs))
+    # as reward.py trains: in runs, each pair's prompt run once (rl.pack_by_prompt)
+    in_runs = sum(loss(run, packed=True) * share for run, share in T.pairs_by_length(pairs))
     assert torch.allclose(in_runs, whole, atol=1e-6)
     for a, b in zip(torch.autograd.grad(in_runs, params), whole_grad):  # gradients of size 1-20: float32 rounding
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)

@@ -21,8 +21,8 @@ exact command line is in the stage's log, out_dir/logs/STAGE.log):
   ppo       ppo.py config/ppo_tasks.py: PPO from the SFT model, with the reward model and a KL penalty
   ppo_nokl  the same without the KL penalty (nothing else changed), evaluated often: the over-optimization
             picture
-  ppo_gold  ppo.py config/ppo_tasks_gold.py: RL with the task checker as the reward: what RL does when
-            the reward is right, next to a learned one
+  ppo_gold  ppo.py config/grpo_tasks_gold.py: RL with the task checker as the reward, GRPO (8 replies to each
+            prompt, each scored against its group): what RL does when the reward is right, next to a learned one
   reward_shuffled, ppo_shuffled   the control: a reward model trained on the same pairs with chosen and
             rejected swapped at random, and ppo's stage with it: what the learned reward's signal is worth
   report    out_dir/report.md: every model's gold accuracy on the same held-out prompts with a paired test
@@ -93,7 +93,7 @@ PROFILES = {
         dpo=['--max_iters=1000'],
         ppo=['--max_iters=200', '--batch_size=256', '--minibatch_size=64'],
         ppo_nokl=['--max_iters=200', '--batch_size=256', '--minibatch_size=64'],
-        ppo_gold=['--max_iters=200', '--batch_size=256', '--minibatch_size=64'],
+        ppo_gold=['--max_iters=200'],
         reward_shuffled=['--max_iters=3000', '--rank_prompts=0'],
         ppo_shuffled=['--max_iters=200', '--batch_size=256', '--minibatch_size=64'],
     ),
@@ -115,8 +115,8 @@ SMOKE = dict(
          '--ppo_epochs=1'],
     ppo_nokl=['--max_iters=2', '--eval_interval=1', '--eval_tasks=5', '--batch_size=4', '--minibatch_size=4',
               '--ppo_epochs=1'],
-    ppo_gold=['--max_iters=2', '--eval_interval=1', '--eval_tasks=5', '--batch_size=4', '--minibatch_size=4',
-              '--ppo_epochs=1'],
+    ppo_gold=['--max_iters=2', '--eval_interval=1', '--eval_tasks=5', '--batch_size=8', '--minibatch_size=8',
+              '--group_size=4', '--ppo_epochs=1'],
     reward_shuffled=['--max_iters=4', '--warmup_iters=1', '--eval_interval=2', '--batch_size=4'],
     ppo_shuffled=['--max_iters=2', '--eval_interval=1', '--eval_tasks=5', '--batch_size=4', '--minibatch_size=4',
                   '--ppo_epochs=1'],
@@ -152,7 +152,7 @@ def stage_commands(run_dir, data_dir):
         'ppo': ([*ppo, f'--out_dir={d("ppo")}'] + p['ppo'], [d('ppo')]),
         'ppo_nokl': ([*ppo, f'--out_dir={d("ppo_nokl")}', '--kl_coef=0', '--kl_target=0'] + p['ppo_nokl'],
                      [d('ppo_nokl')]),
-        'ppo_gold': (['ppo.py', 'config/ppo_tasks_gold.py', f'--init_from={d("sft")}', f'--out_dir={d("ppo_gold")}',
+        'ppo_gold': (['ppo.py', 'config/grpo_tasks_gold.py', f'--init_from={d("sft")}', f'--out_dir={d("ppo_gold")}',
                       *common] + p['ppo_gold'], [d('ppo_gold')]),
         'reward_shuffled': (['reward.py', 'config/reward_tasks.py', f'--init_from={d("sft")}',
                              f'--out_dir={d("reward_shuffled")}', '--shuffle_labels=True', *common]

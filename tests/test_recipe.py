@@ -50,9 +50,9 @@ def test_the_recipe_each_stage_beats_the_one_before(cpu_run):
     # and the val prompts, where the configs were chosen, agree with the test prompts
     val = {name: a['all'] for name, a in card['val_accuracy'].items()}
     assert val['base'] < val['SFT'] < min(val['DPO'], val['PPO'], val['PPO-gold']), val
-    # RL with the exact reward (the checker): SFT + 8 points or more on val, where its length was chosen, and on
-    # test, McNemar p < 0.01 on both. At 200 iterations: Intel Xeon + 13.6 test, + 14.9 val; AMD EPYC (AVX-512)
-    # + 14.9 test, + 17.6 val (docs/report_cpu.md). (At 100 iterations the EPYC gained only 4.8 on test.)
+    # RL with the exact reward (the checker), GRPO (config/grpo_tasks_gold.py): SFT + 8 points or more on val,
+    # where its settings were chosen, and on test, McNemar p < 0.01 on both. From the AMD EPYC (AVX-512) recipe's
+    # SFT model: + 13.5 test, + 15 val (docs/experiments.md, "RL with the checker: group-relative runs").
     assert val['PPO-gold'] >= val['SFT'] + 0.08 and acc['PPO-gold'] >= acc['SFT'] + 0.08, (acc, val)
     assert card['paired_vs_sft']['PPO-gold']['p'] < 0.01 and card['paired_vs_sft_val']['PPO-gold']['p'] < 0.01
     # over-optimization: without the KL penalty PPO drifts further and its proxy score climbs past the

@@ -1,9 +1,10 @@
-# GRPO (DeepSeekMath's group-relative policy optimization) with the task checker as the reward: 8 replies to each
-# of 128 prompts per batch, each reply scored against its group's mean and std, every below-mean reply pushed
-# down, no critic; only the groups whose replies differ train (the rest have no advantage), two passes over each
-# batch in minibatches of 256 replies (32 groups), PPO's clipped ratio over the reuse. From an AMD EPYC recipe
-# run's SFT model (39.9% val, 40.5% test): 56.3% val, 55.1% test (SFT + 16.4 / + 14.6), in ~410 s at two threads,
-# where the no-baseline config/ppo_tasks_gold.py gains + 21.5 / + 19.4 in the recipe's 163 s
+# GRPO (DeepSeekMath's group-relative policy optimization) with the task checker as the reward: the recipe's checker
+# row (pipeline.py's ppo_gold stage). 8 replies to each of 128 prompts per batch, each reply scored against its
+# group's mean and std, every below-mean reply pushed down, no critic; only the groups whose replies differ train
+# (the rest have no advantage), two passes over each batch in minibatches of 256 replies (32 groups), PPO's clipped
+# ratio over the reuse; a group's replies run after one copy of their prompt (rl.pack_by_prompt). From the AMD
+# EPYC recipe's SFT model (39.9% val, 40.5% test): 55% val, 54% test (SFT + 15 / + 13.5) in 140 s at two threads,
+# where config/ppo_tasks_gold.py (no baseline, 200 iterations) gains + 22.0 / + 19.3 in 175 s
 # (docs/experiments.md, "RL with the checker: group-relative runs").
 #   python ppo.py config/grpo_tasks_gold.py --init_from=out-sft
 init_from = 'out-sft'

@@ -2,6 +2,8 @@
 # right, next to config/ppo_tasks.py's learned one. Same rollouts (T = 0.7), no critic, nothing pushed down:
 # REINFORCE on the right replies (filtered behaviour cloning) with PPO's clipped ratio. 200 iterations: from the
 # Xeon recipe's SFT model 54.6% val at 100, 60.7% at 200 (SFT 44.8%; docs/experiments.md, "RL with the checker").
+# The recipe's checker row was this until GRPO (config/grpo_tasks_gold.py) became cheap enough to replace it; it
+# stays as the comparison rl_compare.py builds on: without a baseline, positive samples alone sharpen greedy replies.
 #   python ppo.py config/ppo_tasks_gold.py
 init_from = 'out-sft'
 out_dir = 'out-ppo-gold'

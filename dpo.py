@@ -38,7 +38,8 @@ from model import (clean_state_dict, start_point, lora_disabled, merged_gpt, par
                    policy_and_reference, save_checkpoint)
 from rl import pack_by_prompt, packed_logprobs_and_entropy, sampled_kl
 from tasks import (chat_ids, encode_preferences, eval_tasks_from, gold_accuracy, load_chat_model, pairs_by_length,
-                   preference_batch, preference_splits, read_tasks, render_prompt)
+                   preference_batch, preference_splits, prompt_lengths, read_tasks,
+                   render_prompt)
 
 # -----------------------------------------------------------------------------
 init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt);
@@ -112,9 +113,8 @@ def pair_logprobs(model, idx, mask, lengths):
     """model.response_logprobs of preference_batch's rows (lengths: each row's tokens), with the chosen and the
     rejected reply to one prompt run as one sequence, the prompt once (rl.pack_by_prompt): the same sums at about
     two thirds of the tokens."""
-    prompt_lengths = mask.float().argmax(1).tolist()  # the first reply token's index
-    lengths = lengths.tolist()
-    logprobs, _ = packed_logprobs_and_entropy(model, pack_by_prompt(idx, range(idx.size(0)), lengths, prompt_lengths))
+    packed = pack_by_prompt(idx, range(idx.size(0)), lengths.tolist(), prompt_lengths(mask))
+    logprobs, _ = packed_logprobs_and_entropy(model, packed)
     return (logprobs * mask[:, 1:]).sum(dim=1)
 
 

@@ -33,7 +33,8 @@ from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict
                    merge_lora, pad_batch, parse_lora_targets, save_checkpoint)
 from rl import by_length, by_prompt, pack_by_prompt
 from tasks import (SKILLS, chat_ids, check_answer, encode_preferences, load_chat_model, pairs_by_length,
-                   preference_batch, preference_splits, read_tasks, render_prompt, sample_replies)
+                   preference_batch, preference_splits, prompt_lengths, read_tasks, render_prompt,
+                   sample_replies)
 
 # -----------------------------------------------------------------------------
 init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt);
@@ -324,7 +325,7 @@ if __name__ == '__main__':
             idx, mask, lengths = preference_batch(val_data_ex[i:i + 64], device)
             reward_model.eval()
             with ctx:
-                r = reward_model(idx, lengths, mask.float().argmax(1).tolist())
+                r = reward_model(idx, lengths, prompt_lengths(mask))
             rewards.append(r.view(2, -1))
         reward_model.train()
         rc, rr = torch.cat(rewards, dim=1)
@@ -407,7 +408,7 @@ if __name__ == '__main__':
                     model.require_backward_grad_sync = (micro_step == accum_steps - 1 and k == len(runs) - 1)
                 with ctx:
                     # chosen rows first, then rejected; each pair's prompt runs once (rl.pack_by_prompt)
-                    rc, rr = model(idx, lengths, mask.float().argmax(1).tolist()).view(2, -1)
+                    rc, rr = model(idx, lengths, prompt_lengths(mask)).view(2, -1)
                     loss = reward_loss(rc, rr, center_coef) * share / accum_steps
                 loss_sum += loss.detach()
                 acc_sum += (rc > rr).float().mean().detach() * share / accum_steps

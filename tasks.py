@@ -325,6 +325,12 @@ def pairs_by_length(examples, runs=2):
     return [(pairs[s:s + size], len(pairs[s:s + size]) / len(pairs)) for s in range(0, len(pairs), size)]
 
 
+def prompt_lengths(mask):
+    """Each preference_batch row's prompt length (the index of its first reply token), as a list: what
+    rl.pack_by_prompt needs to run a pair's prompt once."""
+    return mask.float().argmax(1).tolist()
+
+
 def preference_batch(examples, device='cpu'):
     """(idx, mask, lengths) for a list of preference_example()s: 2B right-padded rows, the B chosen
     sequences first and then the B rejected ones; mask is True on reply tokens; lengths count real tokens."""

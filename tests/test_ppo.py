@@ -189,12 +189,18 @@ def test_adaptive_kl_controller_follows_ziegler():
 # -----------------------------------------------------------------------------
 # rollouts and the reference
 
-def test_rollout_logprobs_equal_a_fresh_forward_pass(tokenizer):
-    policy = tiny_gpt(seed=3)
+def lora_policy(seed, adapter_std, **kw):
+    """tiny_gpt with LoRA adapters (r = 4) whose B matrices are not zero: a policy that is not its reference."""
+    policy = tiny_gpt(seed=seed, **kw)
     M.apply_lora(policy, rank=4, alpha=8.0)
-    with torch.no_grad():  # non-zero adapters: the policy is not the reference
+    with torch.no_grad():
         for layer in M.lora_layers(policy):
-            layer.lora_B.normal_(0, 0.2)
+            layer.lora_B.normal_(0, adapter_std)
+    return policy
+
+
+def test_rollout_logprobs_equal_a_fresh_forward_pass(tokenizer):
+    policy = lora_policy(3, 0.2)
     end = T.chat_ids(tokenizer)[2]
     prompts = [T.render_prompt([{'role': 'user', 'content': t}], tokenizer) for t in ('Hi', 'Reverse: a b c', 'x')]
     ro = rollout(policy, prompts, 12, end, torch.Generator().manual_seed(5), vocab_limit=None)
@@ -256,11 +262,7 @@ def test_minibatch_in_runs_weighted_by_tokens_has_the_whole_minibatchs_gradient(
     """ppo.py's training step: a minibatch's rows in runs of similar length (by_length), each run trimmed to its
     longest row and its losses weighted by its share of the minibatch's reply tokens. Reference: the clipped loss
     over the whole padded minibatch at once; the gradient must be the same."""
-    policy = tiny_gpt(seed=6)
-    M.apply_lora(policy, rank=4, alpha=8.0)
-    with torch.no_grad():
-        for layer in M.lora_layers(policy):
-            layer.lora_B.normal_(0, 0.1)
+    policy = lora_policy(6, 0.1)
     policy.eval()
     g = torch.Generator().manual_seed(2)
     prompt_lengths = [int(n) for n in torch.randint(2, 12, (10,), generator=g)]
@@ -348,11 +350,7 @@ def test_by_prompt_keeps_a_prompts_rows_together_and_loses_none():
 def test_packed_minibatch_has_the_whole_minibatchs_gradient():
     """ppo.py's training step on shared prompts: the clipped loss over packed runs (by_prompt, pack_by_prompt),
     each weighted by its share of the reply tokens, against the loss over the whole padded minibatch."""
-    policy = tiny_gpt(seed=6, pos_emb='rope')
-    M.apply_lora(policy, rank=4, alpha=8.0)
-    with torch.no_grad():
-        for layer in M.lora_layers(policy):
-            layer.lora_B.normal_(0, 0.1)
+    policy = lora_policy(6, 0.1, pos_emb='rope')
     policy.eval()
     g = torch.Generator().manual_seed(2)
     idx, lengths, prompt_lengths = grouped_batch(g, n_prompts=4, group=4)
@@ -383,11 +381,7 @@ def test_packed_minibatch_has_the_whole_minibatchs_gradient():
 
 
 def test_rollout_of_groups_runs_each_prompt_once_and_gets_each_rows_logprobs(tokenizer):
-    policy = tiny_gpt(seed=3)
-    M.apply_lora(policy, rank=4, alpha=8.0)
-    with torch.no_grad():
-        for layer in M.lora_layers(policy):
-            layer.lora_B.normal_(0, 0.2)
+    policy = lora_policy(3, 0.2)
     end = T.chat_ids(tokenizer)[2]
     prompts = [T.render_prompt([{'role': 'user', 'content': t}], tokenizer) for t in ('Hi', 'Reverse: a b c')] * 4
     ro = rollout(policy, prompts, 8, end, torch.Generator().manual_seed(5))

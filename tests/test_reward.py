@@ -73,7 +73,7 @@ def test_reward_loss_in_runs_by_length_has_the_whole_batchs_gradient():
 
     def loss(batch, packed):
         idx, mask, lengths = T.preference_batch(batch)
-        rc, rr = rm(idx, lengths, mask.float().argmax(1).tolist() if packed else None).view(2, -1)
+        rc, rr = rm(idx, lengths, T.prompt_lengths(mask) if packed else None).view(2, -1)
         return reward_loss(rc, rr, center_coef=0.01)
     whole = loss(pairs, packed=False)
     whole_grad = torch.autograd.grad(whole, params)

@@ -18,7 +18,8 @@ exact command line is in the stage's log, out_dir/logs/STAGE.log):
   prefs     prepare.py prefs: pairs of the SFT model's own replies, labelled by the gold checkers
   reward    reward.py config/reward_tasks.py: the Bradley-Terry reward model, and best-of-n by it
   dpo       dpo.py config/dpo_tasks.py: DPO from the SFT model
-  ppo       ppo.py config/ppo_tasks.py: PPO from the SFT model, with the reward model and a KL penalty
+  ppo       ppo.py config/grpo_tasks.py: RL from the SFT model with the reward model and a KL penalty, GRPO
+            (8 replies to each prompt, each scored against its group, the ones below its mean pushed down)
   ppo_nokl  the same without the KL penalty (nothing else changed), evaluated often: the over-optimization
             picture
   ppo_gold  ppo.py config/grpo_tasks_gold.py: RL with the task checker as the reward, GRPO (8 replies to each
@@ -72,15 +73,15 @@ PROFILES = {
         prefs=[],
         reward=[],
         dpo=['--eval_test=False'],  # the report evaluates every model on the test split
-        ppo=['--eval_test=False'],
+        ppo=['--eval_test=False', '--eval_tasks=250'],  # the stage's own curve: the report evaluates on all of val
         # no KL penalty, everything else as ppo's (so that the difference is the penalty), evaluated more often for
         # the over-optimization plot
-        ppo_nokl=['--eval_test=False', '--eval_interval=10'],
+        ppo_nokl=['--eval_test=False', '--eval_tasks=250', '--eval_interval=20'],
         ppo_gold=['--eval_test=False'],
         # the control: a reward model trained on the same pairs with their labels shuffled (300 iterations: on noise it
         # sits at chance whatever the length; 1,000 cost 60 s more), then ppo's stage with it
         reward_shuffled=['--rank_prompts=0', '--max_iters=300'],
-        ppo_shuffled=['--eval_test=False'],
+        ppo_shuffled=['--eval_test=False', '--eval_tasks=250'],
     ),
     'gpu': dict(
         data=['--vocab_size=2048', '--n_per_skill=5000'],
@@ -91,11 +92,11 @@ PROFILES = {
         prefs=['--prefs_prompts=20000'],
         reward=['--max_iters=3000'],
         dpo=['--max_iters=1000'],
-        ppo=['--max_iters=200', '--batch_size=256', '--minibatch_size=64'],
-        ppo_nokl=['--max_iters=200', '--batch_size=256', '--minibatch_size=64'],
+        ppo=['--max_iters=200'],
+        ppo_nokl=['--max_iters=200'],
         ppo_gold=['--max_iters=200'],
         reward_shuffled=['--max_iters=3000', '--rank_prompts=0'],
-        ppo_shuffled=['--max_iters=200', '--batch_size=256', '--minibatch_size=64'],
+        ppo_shuffled=['--max_iters=200'],
     ),
 }
 # --smoke: after the profile's arguments, so these win. A handful of everything; pairs fall back to the task's
@@ -111,15 +112,9 @@ SMOKE = dict(
             '--rank_samples=4'],
     dpo=['--max_iters=4', '--warmup_iters=1', '--eval_interval=2', '--batch_size=4', '--eval_tasks=5',
          '--kl_prompts=4'],
-    ppo=['--max_iters=2', '--eval_interval=1', '--eval_tasks=5', '--batch_size=4', '--minibatch_size=4',
-         '--ppo_epochs=1'],
-    ppo_nokl=['--max_iters=2', '--eval_interval=1', '--eval_tasks=5', '--batch_size=4', '--minibatch_size=4',
-              '--ppo_epochs=1'],
-    ppo_gold=['--max_iters=2', '--eval_interval=1', '--eval_tasks=5', '--batch_size=8', '--minibatch_size=8',
-              '--group_size=4', '--ppo_epochs=1'],
+    **{stage: ['--max_iters=2', '--eval_interval=1', '--eval_tasks=5', '--batch_size=8', '--minibatch_size=8',
+               '--group_size=4', '--ppo_epochs=1'] for stage in ('ppo', 'ppo_nokl', 'ppo_gold', 'ppo_shuffled')},
     reward_shuffled=['--max_iters=4', '--warmup_iters=1', '--eval_interval=2', '--batch_size=4'],
-    ppo_shuffled=['--max_iters=2', '--eval_interval=1', '--eval_tasks=5', '--batch_size=4', '--minibatch_size=4',
-                  '--ppo_epochs=1'],
 )
 # the models the report evaluates, and the checkpoint each stage leaves
 KL_TOKENS = 16  # the card's KL to SFT: one reply of at most this many tokens per val prompt (the stages' replies' length)
@@ -134,7 +129,7 @@ def stage_commands(run_dir, data_dir):
     common = [f'--data_dir={data_dir}', f'--seed={seed}', f'--device={device}']
     cuts = SMOKE if smoke else {}
     p = {stage: PROFILES[profile][stage] + cuts.get(stage, []) for stage in PROFILES[profile]}
-    ppo = ['ppo.py', 'config/ppo_tasks.py', f'--init_from={d("sft")}', f'--reward_model={d("reward")}', *common]
+    ppo = ['ppo.py', 'config/grpo_tasks.py', f'--init_from={d("sft")}', f'--reward_model={d("reward")}', *common]
     return {
         'data': (['prepare.py', 'shakespeare_tasks', f'--data_dir={data_dir}', f'--seed={seed}']
                  + ([f'--input={os.path.abspath(input)}'] if input else []) + p['data'],
@@ -157,7 +152,7 @@ def stage_commands(run_dir, data_dir):
         'reward_shuffled': (['reward.py', 'config/reward_tasks.py', f'--init_from={d("sft")}',
                              f'--out_dir={d("reward_shuffled")}', '--shuffle_labels=True', *common]
                             + p['reward_shuffled'], [d('reward_shuffled')]),
-        'ppo_shuffled': (['ppo.py', 'config/ppo_tasks.py', f'--init_from={d("sft")}',
+        'ppo_shuffled': (['ppo.py', 'config/grpo_tasks.py', f'--init_from={d("sft")}',
                           f'--reward_model={d("reward_shuffled")}', f'--out_dir={d("ppo_shuffled")}', *common]
                          + p['ppo_shuffled'], [d('ppo_shuffled')]),
         'report': (None, [d('report')]),

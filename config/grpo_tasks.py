@@ -1,9 +1,10 @@
 # GRPO with the learned reward model (config/reward_tasks.py) and a KL penalty that binds: config/grpo_tasks_gold.py's
 # groups (8 replies to each of 128 prompts, each scored against its group's mean and std, every below-mean reply
-# pushed down, no critic), with the reward model's standardised score instead of the checker and a slow controller.
-# From an AMD EPYC recipe run's SFT and reward models (39.9% val, 40.5% test): 47.3% val, 46.9% test (SFT + 7.4 /
-# + 6.4) at a KL of 0.53 against the target of 0.5; that run's no-baseline PPO row from the same models: + 3.8
-# val, in a fraction of the time (docs/experiments.md, "RL with the learned reward: baselines").
+# pushed down, no critic), with the reward model's standardised score instead of the checker and a slow controller,
+# and one pass over each batch. The recipe's learned-reward row (pipeline.py's ppo stage, and its two controls).
+# From an Intel Xeon recipe run's SFT and reward models (44.8% val): 51.3% val (SFT + 6.5) at a KL of 0.51 against
+# the target of 0.5; that run's no-baseline row from the same models: + 5.2 (docs/experiments.md, "RL with the
+# learned reward: baselines").
 #   python ppo.py config/grpo_tasks.py --init_from=out-sft --reward_model=out-reward
 init_from = 'out-sft'
 reward_model = 'out-reward'
@@ -22,7 +23,7 @@ group_train = 'spread'    # with the reward model's scores nearly every group di
 
 batch_size = 1024
 minibatch_size = 256
-ppo_epochs = 2
+ppo_epochs = 1            # one pass: + 6.5 val at half the training of two (docs/experiments.md)
 max_new_tokens = 16
 kl_coef = 0.1
 kl_target = 0.5           # chosen on val: 0.2 / 0.5 gave 45.2 / 47.3% at KL 0.33 / 0.53

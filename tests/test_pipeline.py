@@ -66,24 +66,23 @@ def test_every_stage_runs_and_writes_its_outputs(smoke_run):
     report = (run_dir / 'report.md').read_text()
     for row in ('| data |', '| pretrain |', '| sft |', '| prefs |', '| reward |', '| dpo |', '| ppo |',
                 '| ppo_nokl |', '| ppo_gold |', '| base |', '| SFT |', '| DPO |',
-                '| PPO: reinforce, no baseline, model reward |', '| PPO-gold: grpo, group baseline, checker reward |',
-                '| PPO, no KL penalty: reinforce, no baseline, model reward, no KL |', '| reward_shuffled |',
-                '| ppo_shuffled |', '| PPO, shuffled reward: reinforce, no baseline, shuffled-model reward |',
+                '| PPO: grpo, group baseline, model reward |', '| PPO-gold: grpo, group baseline, checker reward |',
+                '| PPO, no KL penalty: grpo, group baseline, model reward, no KL |', '| reward_shuffled |',
+                '| ppo_shuffled |', '| PPO, shuffled reward: grpo, group baseline, shuffled-model reward |',
                 'bits/char', 'bytes/token', 'KL to SFT', 'p = ', 'smoke test'):
         assert row in report, row
     assert set(card['accuracy']) == {'base', 'SFT', 'DPO', 'PPO', 'PPO, no KL penalty', 'PPO-gold',
                                      'PPO, shuffled reward'}
-    # what ran, read from the shipped configs (config/ppo_tasks.py: no critic, no whitening, one reply per prompt,
-    # the learned reward; config/grpo_tasks_gold.py: groups of replies, the checker; their KL targets, the nokl
-    # stage none)
+    # what ran, read from the shipped configs (config/grpo_tasks.py: groups of replies, the learned reward;
+    # config/grpo_tasks_gold.py: groups of replies, the checker; their KL targets, the nokl stage none)
     m = card['method']
     assert list(m) == list(card['accuracy'])
-    assert [m[k]['algorithm'] for k in m] == ['pretrain', 'sft', 'dpo', 'reinforce', 'reinforce', 'grpo', 'reinforce']
-    assert [m[k]['baseline'] for k in m] == [None, None, None, 'none', 'none', 'group', 'none']
+    assert [m[k]['algorithm'] for k in m] == ['pretrain', 'sft', 'dpo', 'grpo', 'grpo', 'grpo', 'grpo']
+    assert [m[k]['baseline'] for k in m] == [None, None, None, 'group', 'group', 'group', 'group']
     assert [m[k]['reward'] for k in m] == [None, None, None, 'model', 'model', 'checker', 'shuffled-model']
-    target = {f: runpy.run_path(str(ROOT / 'config' / f))['kl_target'] for f in ('ppo_tasks.py', 'grpo_tasks_gold.py')}
-    assert [m[k]['kl_target'] for k in m] == [None, None, None, target['ppo_tasks.py'], None,
-                                              target['grpo_tasks_gold.py'], target['ppo_tasks.py']]
+    target = {f: runpy.run_path(str(ROOT / 'config' / f))['kl_target'] for f in ('grpo_tasks.py', 'grpo_tasks_gold.py')}
+    assert [m[k]['kl_target'] for k in m] == [None, None, None, target['grpo_tasks.py'], None,
+                                              target['grpo_tasks_gold.py'], target['grpo_tasks.py']]
     # the controls: the no-KL run is the KL run's command with the penalty off and evaluated more often, nothing
     # else; the shuffled-reward run is the KL run's command with the other reward model
     logs = {s: (run_dir / 'logs' / f'{s}.log').read_text().splitlines()[0].split() for s in ('ppo', 'ppo_nokl',

@@ -1,7 +1,7 @@
 """
 From zero to chat in one command: every stage of the recipe in order, then a report card.
 
-    python pipeline.py                          # profile 'cpu': about 14 minutes on 2 AVX-512 cores
+    python pipeline.py                          # profile 'cpu': 12-17 minutes on 2 AVX-512 cores
     python pipeline.py --profile=gpu            # one GPU: a bigger model, more steps
     python pipeline.py --input=input.txt        # offline: a local copy of tinyshakespeare
     python pipeline.py --force=dpo              # run dpo again, and every stage after it
@@ -18,8 +18,9 @@ exact command line is in the stage's log, out_dir/logs/STAGE.log):
   prefs     prepare.py prefs: pairs of the SFT model's own replies, labelled by the gold checkers
   reward    reward.py config/reward_tasks.py: the Bradley-Terry reward model, and best-of-n by it
   dpo       dpo.py config/dpo_tasks.py: DPO from the SFT model
-  ppo       ppo.py config/grpo_tasks.py: RL from the SFT model with the reward model and a KL penalty, GRPO
-            (8 replies to each prompt, each scored against its group, the ones below its mean pushed down)
+  ppo       ppo.py config/ppo_tasks.py: PPO from the SFT model, with the reward model and a KL penalty;
+            --rl_config=config/grpo_tasks.py runs it and its two controls as GRPO (a baseline: 8 replies to each
+            prompt, each scored against its group, the ones below its mean pushed down; about 3 minutes more)
   ppo_nokl  the same without the KL penalty (nothing else changed), evaluated often: the over-optimization
             picture
   ppo_gold  ppo.py config/grpo_tasks_gold.py: RL with the task checker as the reward, GRPO (8 replies to each
@@ -48,7 +49,7 @@ from common import check_settings, duration, fail, write_text_atomic
 from plots import curves_png, overoptimization_png, read_jsonl, read_run
 
 # -----------------------------------------------------------------------------
-profile = 'cpu'        # 'cpu' (2 CPU cores, about 14 minutes) or 'gpu' (one GPU, a bigger model)
+profile = 'cpu'        # 'cpu' (2 CPU cores, 12-17 minutes) or 'gpu' (one GPU, a bigger model)
 out_dir = ''           # default: runs/<profile>
 input = ''             # a local copy of tinyshakespeare (else it is downloaded)
 force = ''             # a stage name: run it and every later stage again; 'all': everything
@@ -56,13 +57,15 @@ smoke = False          # True: every count cut to a handful (iterations, prompts
                        # settings and wiring quickly; its numbers mean nothing
 device = 'auto'        # passed to every stage
 seed = 1337
+rl_config = 'config/ppo_tasks.py'  # the learned-reward RL stage and its two controls (ppo, ppo_nokl, ppo_shuffled);
+                       # config/grpo_tasks.py: GRPO, with a baseline, at about twice their time (docs/experiments.md)
 # -----------------------------------------------------------------------------
 
 STAGES = ('data', 'pretrain', 'sft', 'prefs', 'reward', 'dpo', 'ppo', 'ppo_nokl', 'ppo_gold', 'reward_shuffled',
           'ppo_shuffled', 'report')
 
 # Each profile: arguments added to a stage's command, after its config file and the paths the pipeline
-# sets itself. 'cpu' is the shipped configs as they are, about 14 minutes on 2 AVX-512 cores (README's
+# sets itself. 'cpu' is the shipped configs as they are, 12-17 minutes on 2 AVX-512 cores (README's
 # card; the target is 15); 'gpu' is a 6-layer, 384-wide model trained longer (not measured yet: no GPU was lent
 # to the sessions that wrote it).
 PROFILES = {
@@ -73,10 +76,11 @@ PROFILES = {
         prefs=[],
         reward=[],
         dpo=['--eval_test=False'],  # the report evaluates every model on the test split
-        ppo=['--eval_test=False', '--eval_tasks=250'],  # the stage's own curve: the report evaluates on all of val
+        # the stage's own curve on 250 val prompts (the report evaluates every model on all of val and test)
+        ppo=['--eval_test=False', '--eval_tasks=250'],
         # no KL penalty, everything else as ppo's (so that the difference is the penalty), evaluated more often for
         # the over-optimization plot
-        ppo_nokl=['--eval_test=False', '--eval_tasks=250', '--eval_interval=20'],
+        ppo_nokl=['--eval_test=False', '--eval_tasks=250', '--eval_interval=10'],
         ppo_gold=['--eval_test=False'],
         # the control: a reward model trained on the same pairs with their labels shuffled (300 iterations: on noise it
         # sits at chance whatever the length; 1,000 cost 60 s more), then ppo's stage with it
@@ -92,11 +96,11 @@ PROFILES = {
         prefs=['--prefs_prompts=20000'],
         reward=['--max_iters=3000'],
         dpo=['--max_iters=1000'],
-        ppo=['--max_iters=200'],
-        ppo_nokl=['--max_iters=200'],
+        ppo=['--max_iters=200', '--batch_size=256', '--minibatch_size=64'],
+        ppo_nokl=['--max_iters=200', '--batch_size=256', '--minibatch_size=64'],
         ppo_gold=['--max_iters=200'],
         reward_shuffled=['--max_iters=3000', '--rank_prompts=0'],
-        ppo_shuffled=['--max_iters=200'],
+        ppo_shuffled=['--max_iters=200', '--batch_size=256', '--minibatch_size=64'],
     ),
 }
 # --smoke: after the profile's arguments, so these win. A handful of everything; pairs fall back to the task's
@@ -112,8 +116,11 @@ SMOKE = dict(
             '--rank_samples=4'],
     dpo=['--max_iters=4', '--warmup_iters=1', '--eval_interval=2', '--batch_size=4', '--eval_tasks=5',
          '--kl_prompts=4'],
+    # batches of 8: whole groups of 8 where rl_config has them
     **{stage: ['--max_iters=2', '--eval_interval=1', '--eval_tasks=5', '--batch_size=8', '--minibatch_size=8',
-               '--group_size=4', '--ppo_epochs=1'] for stage in ('ppo', 'ppo_nokl', 'ppo_gold', 'ppo_shuffled')},
+               '--ppo_epochs=1'] for stage in ('ppo', 'ppo_nokl', 'ppo_shuffled')},
+    ppo_gold=['--max_iters=2', '--eval_interval=1', '--eval_tasks=5', '--batch_size=8', '--minibatch_size=8',
+              '--group_size=4', '--ppo_epochs=1'],
     reward_shuffled=['--max_iters=4', '--warmup_iters=1', '--eval_interval=2', '--batch_size=4'],
 )
 # the models the report evaluates, and the checkpoint each stage leaves
@@ -129,7 +136,7 @@ def stage_commands(run_dir, data_dir):
     common = [f'--data_dir={data_dir}', f'--seed={seed}', f'--device={device}']
     cuts = SMOKE if smoke else {}
     p = {stage: PROFILES[profile][stage] + cuts.get(stage, []) for stage in PROFILES[profile]}
-    ppo = ['ppo.py', 'config/grpo_tasks.py', f'--init_from={d("sft")}', f'--reward_model={d("reward")}', *common]
+    ppo = ['ppo.py', rl_config, f'--init_from={d("sft")}', f'--reward_model={d("reward")}', *common]
     return {
         'data': (['prepare.py', 'shakespeare_tasks', f'--data_dir={data_dir}', f'--seed={seed}']
                  + ([f'--input={os.path.abspath(input)}'] if input else []) + p['data'],
@@ -152,7 +159,7 @@ def stage_commands(run_dir, data_dir):
         'reward_shuffled': (['reward.py', 'config/reward_tasks.py', f'--init_from={d("sft")}',
                              f'--out_dir={d("reward_shuffled")}', '--shuffle_labels=True', *common]
                             + p['reward_shuffled'], [d('reward_shuffled')]),
-        'ppo_shuffled': (['ppo.py', 'config/grpo_tasks.py', f'--init_from={d("sft")}',
+        'ppo_shuffled': (['ppo.py', rl_config, f'--init_from={d("sft")}',
                           f'--reward_model={d("reward_shuffled")}', f'--out_dir={d("ppo_shuffled")}', *common]
                          + p['ppo_shuffled'], [d('ppo_shuffled')]),
         'report': (None, [d('report')]),
@@ -433,6 +440,8 @@ if __name__ == '__main__':
         fail(f"force must be a stage ({', '.join(STAGES)}) or 'all'; got '{force}'")
     if input and not os.path.isfile(input):
         fail(f"input not found: {input}")
+    if not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), rl_config)):  # where stages run
+        fail(f"rl_config not found: {rl_config} (a config file for ppo.py, e.g. config/grpo_tasks.py)")
     run_dir = os.path.abspath(out_dir or os.path.join('runs', profile))  # the stages run from the repository root
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         fail(f"out_dir '{run_dir}' exists and is not a directory")

@@ -1,11 +1,12 @@
 # GRPO with the learned reward model (config/reward_tasks.py) and a KL penalty that binds: config/grpo_tasks_gold.py's
 # groups (8 replies to each of 128 prompts, each scored against its group's mean and std, every below-mean reply
 # pushed down, no critic), with the reward model's standardised score instead of the checker and a slow controller,
-# and one pass over each batch. The recipe's learned-reward row (pipeline.py's ppo stage, and its two controls).
-# From an Intel Xeon recipe run's SFT and reward models (44.8% val): 51.3% val (SFT + 6.5) at a KL of 0.51 against
-# the target of 0.5; that run's no-baseline row from the same models: + 5.2 (docs/experiments.md, "RL with the
-# learned reward: baselines").
+# and one pass over each batch. From an Intel Xeon recipe run's SFT and reward models (44.8% val): 51.3% val
+# (SFT + 6.5; 49.4% with seed 1338) at a KL of 0.51 against the target of 0.5; in that recipe, with two threads,
+# + 3.2 val / + 4.5 test, where the no-baseline row (config/ppo_tasks.py) gains + 5.2 / + 4.9 in half the time
+# (docs/experiments.md, "RL with the learned reward: baselines").
 #   python ppo.py config/grpo_tasks.py --init_from=out-sft --reward_model=out-reward
+#   python pipeline.py --rl_config=config/grpo_tasks.py   # the recipe's learned-reward stage and its controls so
 init_from = 'out-sft'
 reward_model = 'out-reward'
 out_dir = 'out-grpo'

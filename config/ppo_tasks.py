@@ -1,5 +1,7 @@
 # RLHF with PPO: the SFT model is the policy's start and the reference, the reward model (config/reward_tasks.py)
-# scores its rollouts, and a KL penalty keeps it where the reward model is right.
+# scores its rollouts, and a KL penalty keeps it where the reward model is right. No baseline: only the replies the
+# reward model is fairly sure of are pushed up. The recipe's row (pipeline.py's ppo stage and its two controls;
+# --rl_config=config/grpo_tasks.py runs them as GRPO, with a baseline); rl_compare.py's methods build on it.
 #   python ppo.py config/ppo_tasks.py                                                   # the recipe
 #   python ppo.py config/ppo_tasks.py --kl_coef=0 --kl_target=0 --out_dir=out-ppo-nokl  # no KL penalty
 #   python plots.py --compare=out-ppo,out-ppo-nokl                                      # table and plot

@@ -66,23 +66,24 @@ def test_every_stage_runs_and_writes_its_outputs(smoke_run):
     report = (run_dir / 'report.md').read_text()
     for row in ('| data |', '| pretrain |', '| sft |', '| prefs |', '| reward |', '| dpo |', '| ppo |',
                 '| ppo_nokl |', '| ppo_gold |', '| base |', '| SFT |', '| DPO |',
-                '| PPO: grpo, group baseline, model reward |', '| PPO-gold: grpo, group baseline, checker reward |',
-                '| PPO, no KL penalty: grpo, group baseline, model reward, no KL |', '| reward_shuffled |',
-                '| ppo_shuffled |', '| PPO, shuffled reward: grpo, group baseline, shuffled-model reward |',
+                '| PPO: reinforce, no baseline, model reward |', '| PPO-gold: grpo, group baseline, checker reward |',
+                '| PPO, no KL penalty: reinforce, no baseline, model reward, no KL |', '| reward_shuffled |',
+                '| ppo_shuffled |', '| PPO, shuffled reward: reinforce, no baseline, shuffled-model reward |',
                 'bits/char', 'bytes/token', 'KL to SFT', 'p = ', 'smoke test'):
         assert row in report, row
     assert set(card['accuracy']) == {'base', 'SFT', 'DPO', 'PPO', 'PPO, no KL penalty', 'PPO-gold',
                                      'PPO, shuffled reward'}
-    # what ran, read from the shipped configs (config/grpo_tasks.py: groups of replies, the learned reward;
-    # config/grpo_tasks_gold.py: groups of replies, the checker; their KL targets, the nokl stage none)
+    # what ran, read from the shipped configs (config/ppo_tasks.py: no critic, no whitening, one reply per prompt,
+    # the learned reward; config/grpo_tasks_gold.py: groups of replies, the checker; their KL targets, the nokl
+    # stage none)
     m = card['method']
     assert list(m) == list(card['accuracy'])
-    assert [m[k]['algorithm'] for k in m] == ['pretrain', 'sft', 'dpo', 'grpo', 'grpo', 'grpo', 'grpo']
-    assert [m[k]['baseline'] for k in m] == [None, None, None, 'group', 'group', 'group', 'group']
+    assert [m[k]['algorithm'] for k in m] == ['pretrain', 'sft', 'dpo', 'reinforce', 'reinforce', 'grpo', 'reinforce']
+    assert [m[k]['baseline'] for k in m] == [None, None, None, 'none', 'none', 'group', 'none']
     assert [m[k]['reward'] for k in m] == [None, None, None, 'model', 'model', 'checker', 'shuffled-model']
-    target = {f: runpy.run_path(str(ROOT / 'config' / f))['kl_target'] for f in ('grpo_tasks.py', 'grpo_tasks_gold.py')}
-    assert [m[k]['kl_target'] for k in m] == [None, None, None, target['grpo_tasks.py'], None,
-                                              target['grpo_tasks_gold.py'], target['grpo_tasks.py']]
+    target = {f: runpy.run_path(str(ROOT / 'config' / f))['kl_target'] for f in ('ppo_tasks.py', 'grpo_tasks_gold.py')}
+    assert [m[k]['kl_target'] for k in m] == [None, None, None, target['ppo_tasks.py'], None,
+                                              target['grpo_tasks_gold.py'], target['ppo_tasks.py']]
     # the controls: the no-KL run is the KL run's command with the penalty off and evaluated more often, nothing
     # else; the shuffled-reward run is the KL run's command with the other reward model
     logs = {s: (run_dir / 'logs' / f'{s}.log').read_text().splitlines()[0].split() for s in ('ppo', 'ppo_nokl',
@@ -143,6 +144,25 @@ def test_rerun_skips_finished_stages_and_force_reruns_from_a_stage(smoke_run, sm
             assert (run_dir / 'logs' / f'{stage}.log').read_text().splitlines()[0] == f'$ {command}'
 
 
+def test_rl_config_runs_the_learned_reward_stage_and_both_controls_with_that_config(small_text, tmp_path):
+    """--rl_config=config/grpo_tasks.py: the ppo stage and its two controls (no KL, shuffled reward) run GRPO, and
+    the card names what ran."""
+    run_dir = tmp_path / 'run'
+    pipeline(run_dir, '--rl_config=config/grpo_tasks.py', input=small_text)
+    for stage in ('ppo', 'ppo_nokl', 'ppo_shuffled'):
+        assert (run_dir / 'logs' / f'{stage}.log').read_text().split()[:3] == ['$', 'python', 'ppo.py'], stage
+        assert (run_dir / 'logs' / f'{stage}.log').read_text().split()[3] == 'config/grpo_tasks.py', stage
+    card = json.loads((run_dir / 'report.json').read_text())
+    m = card['method']
+    expected = rl_method(runpy.run_path(str(ROOT / 'config' / 'grpo_tasks.py')))
+    assert (expected['algorithm'], expected['baseline']) == ('grpo', 'group')
+    for name, reward in (('PPO', 'model'), ('PPO, no KL penalty', 'model'), ('PPO, shuffled reward', 'shuffled-model')):
+        assert (m[name]['algorithm'], m[name]['baseline'], m[name]['reward']) == ('grpo', 'group', reward), name
+    target = runpy.run_path(str(ROOT / 'config' / 'grpo_tasks.py'))['kl_target']
+    assert (m['PPO']['kl_target'], m['PPO, no KL penalty']['kl_target']) == (target, None)
+    assert '| PPO: grpo, group baseline, model reward |' in (run_dir / 'report.md').read_text()
+
+
 def test_a_run_killed_mid_stage_finishes_with_the_same_report_and_weights(smoke_run, small_text, tmp_path):
     """kill -9 of the whole pipeline (the script and the stage it runs) at random moments; each rerun wipes
     the half-done stage and never touches a finished one; the end is the uninterrupted run's report.
@@ -186,6 +206,7 @@ def test_a_run_killed_mid_stage_finishes_with_the_same_report_and_weights(smoke_
     (['--force=nope'], "force must be a stage"),
     (['--input=/no/such/file.txt'], 'input not found'),
     (['--device=cpu', '--bogus=1'], 'bogus'),
+    (['--rl_config=config/nope.py'], 'rl_config not found: config/nope.py'),
 ])
 def test_bad_arguments_fail_before_any_work(tmp_path, args, message):
     run_dir = tmp_path / 'run'

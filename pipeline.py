@@ -124,7 +124,7 @@ SMOKE = dict(
     reward_shuffled=['--max_iters=4', '--warmup_iters=1', '--eval_interval=2', '--batch_size=4'],
 )
 # the models the report evaluates, and the checkpoint each stage leaves
-KL_TOKENS = 16  # the card's KL to SFT: one reply of at most this many tokens per val prompt (the stages' replies' length)
+KL_TOKENS = 16  # the card's KL to SFT: one reply of at most this many tokens per val prompt (the stages' reply length)
 MODELS = {'base': 'pretrain/ckpt.pt', 'SFT': 'sft/model.pt', 'DPO': 'dpo/model.pt', 'PPO': 'ppo/model.pt',
           'PPO, no KL penalty': 'ppo_nokl/model.pt', 'PPO-gold': 'ppo_gold/model.pt',
           'PPO, shuffled reward': 'ppo_shuffled/model.pt'}
@@ -353,8 +353,8 @@ def report(run_dir, data_dir, done):
     for name, stage in (('PPO', 'ppo'), ('PPO, no KL penalty', 'ppo_nokl'), ('PPO-gold', 'ppo_gold'),
                         ('PPO, shuffled reward', 'ppo_shuffled')):
         config = ppo_runs[stage][2]['summary']['config']
-        card['method'][name] = dict(rl_method(config), kl=card['kl_to_sft'][name], kl_target=config['kl_target'] or None,
-                                    kl_coef=config['kl_coef'])
+        card['method'][name] = dict(rl_method(config), kl=card['kl_to_sft'][name],
+                                    kl_target=config['kl_target'] or None, kl_coef=config['kl_coef'])
     card['method']['PPO, shuffled reward']['reward'] = 'shuffled-model'
     card['reward_shuffled'] = dict(pair_accuracy=rm_shuffled['final']['val_accuracy'],
                                    margin=rm_shuffled['final']['val_margin'])

@@ -23,8 +23,8 @@ def test_the_recipe_each_stage_beats_the_one_before(cpu_run):
     """The recipe's claims on the cpu profile, from the report's own evaluation of every model on the same
     1,000 held-out test prompts: base < SFT < DPO, SFT < PPO (reward model, KL penalty, at a KL within a factor
     of 2 of its target), SFT < PPO-gold, the reward model above 80% of held-out pairs, and the shuffled-reward
-    control no better than SFT; DPO and PPO at SFT + 2 points or more and RL with the checker at SFT + 8 or more,
-    on test and val, each with McNemar p < 0.01."""
+    control no better than SFT; DPO at SFT + 2 points or more and RL with the checker at SFT + 8 or more, on test
+    and val, each with McNemar p < 0.01."""
     _, card = cpu_run
     acc = {name: a['all'] for name, a in card['accuracy'].items()}
     assert card['n_test'] == 1000 and card['profile'] == 'cpu' and not card['smoke']
@@ -39,10 +39,11 @@ def test_the_recipe_each_stage_beats_the_one_before(cpu_run):
     assert acc['PPO, shuffled reward'] <= acc['SFT'] + 0.01, acc
     assert card['val_accuracy']['PPO, shuffled reward']['all'] <= card['val_accuracy']['SFT']['all'] + 0.01
     assert 0.4 < card['reward_shuffled']['pair_accuracy'] < 0.6, card['reward_shuffled']
-    # with margins (issue 37, step 4): each aligned model at least 2 points over SFT on test and val, McNemar
-    # p < 0.01 on both. DPO: + 5.9 / + 7.5 on an Intel Xeon with AMX, + 6.0 / + 5.8 on the AMD EPYC; the learned-reward
-    # row (config/ppo_tasks.py, since packing): + 4.9 / + 5.2 (p = 6e-7 / 3e-7) there, + 4.9 / + 4.9 on the EPYC
-    for name in ('DPO', 'PPO'):
+    # with margins (issue 37, step 4): DPO at least 2 points over SFT on test and val, McNemar p < 0.01 on both
+    # (+ 5.9 / + 7.5 on an Intel Xeon with AMX, + 6.0 / + 5.8 on the AMD EPYC). The learned-reward row is not held to
+    # this: + 4.9 / + 5.2 on that Xeon's card, but with seeds 1338 and 1339 from the same models + 1.8 and + 3.6 val
+    # (docs/experiments.md, "RL with the learned reward: baselines"); another machine's floats are another draw
+    for name in ('DPO',):
         assert acc[name] >= acc['SFT'] + 0.02 and card['paired_vs_sft'][name]['p'] < 0.01, card['paired_vs_sft']
         assert (card['val_accuracy'][name]['all'] >= card['val_accuracy']['SFT']['all'] + 0.02
                 and card['paired_vs_sft_val'][name]['p'] < 0.01), card['paired_vs_sft_val']

@@ -38,8 +38,7 @@ from model import (clean_state_dict, start_point, lora_disabled, merged_gpt, par
                    policy_and_reference, save_checkpoint)
 from rl import pack_by_prompt, packed_logprobs_and_entropy, sampled_kl
 from tasks import (chat_ids, encode_preferences, eval_tasks_from, gold_accuracy, load_chat_model, pairs_by_length,
-                   preference_batch, preference_splits, prompt_lengths, read_tasks,
-                   render_prompt)
+                   preference_batch, preference_splits, prompt_lengths, read_tasks, render_prompt)
 
 # -----------------------------------------------------------------------------
 init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt);

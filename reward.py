@@ -33,8 +33,7 @@ from model import (GPT, CheckpointError, GPTConfig, apply_lora, clean_state_dict
                    merge_lora, pad_batch, parse_lora_targets, save_checkpoint)
 from rl import by_length, by_prompt, pack_by_prompt
 from tasks import (SKILLS, chat_ids, check_answer, encode_preferences, load_chat_model, pairs_by_length,
-                   preference_batch, preference_splits, prompt_lengths, read_tasks, render_prompt,
-                   sample_replies)
+                   preference_batch, preference_splits, prompt_lengths, read_tasks, render_prompt, sample_replies)
 
 # -----------------------------------------------------------------------------
 init_from = 'out-sft'        # the supervised model: a fine-tuning out_dir (model.pt) or a train.py one (ckpt.pt);

@@ -154,8 +154,6 @@ def test_rl_config_runs_the_learned_reward_stage_and_both_controls_with_that_con
         assert command[command.index('ppo.py') + 1] == 'config/grpo_tasks.py', stage
     card = json.loads((run_dir / 'report.json').read_text())
     m = card['method']
-    expected = rl_method(runpy.run_path(str(ROOT / 'config' / 'grpo_tasks.py')))
-    assert (expected['algorithm'], expected['baseline']) == ('grpo', 'group')
     for name, reward in (('PPO', 'model'), ('PPO, no KL penalty', 'model'), ('PPO, shuffled reward', 'shuffled-model')):
         assert (m[name]['algorithm'], m[name]['baseline'], m[name]['reward']) == ('grpo', 'group', reward), name
     target = runpy.run_path(str(ROOT / 'config' / 'grpo_tasks.py'))['kl_target']
